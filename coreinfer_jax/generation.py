@@ -1,0 +1,263 @@
+"""Text generation: bucketed prefill, a compiled-once decode step, stopping.
+
+Prompts are left-padded to the smallest length bucket that fits, so that a
+(batch, bucket, cache length) triple compiles its prefill once, and the decode
+step (which attends over the whole fixed-length cache) compiles once per
+(batch, cache length) and parameter shapes. Functions are compiled ahead of
+time through `CompiledFunctions`, which counts compilations and their time so
+that compile time is never hidden in a throughput figure.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from coreinfer_jax import model
+from coreinfer_jax.cache import KVCache, init_cache
+from coreinfer_jax.config import ModelConfig
+from coreinfer_jax.params import ModelParams
+from coreinfer_jax.sampling import SamplingConfig, sample
+
+DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def default_dtype():
+  """float32 on CPU (bfloat16 matmuls are slow on XLA:CPU), bfloat16 elsewhere."""
+  return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def _shape_key(args) -> Tuple:
+  leaves, treedef = jax.tree_util.tree_flatten(args)
+  return treedef, tuple((a.shape, a.dtype) for a in leaves)
+
+
+def abstract(tree):
+  """ShapeDtypeStructs of a pytree of arrays (to compile without running)."""
+  return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
+class CompiledFunctions:
+  """Ahead-of-time compilation, once per (function name, argument shapes)."""
+
+  def __init__(self):
+    self._executables: Dict[Tuple, Any] = {}
+    self.compiles: collections.Counter = collections.Counter()
+    self.compile_seconds: collections.Counter = collections.Counter()
+
+  def get(self, name: str, fn: Callable, *args, donate_argnums: Tuple[int, ...] = ()):
+    """The executable for these argument shapes (arrays or ShapeDtypeStructs)."""
+    key = (name, _shape_key(args))
+    executable = self._executables.get(key)
+    if executable is None:
+      t0 = time.perf_counter()
+      executable = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
+      self.compile_seconds[name] += time.perf_counter() - t0
+      self.compiles[name] += 1
+      self._executables[key] = executable
+    return executable
+
+  def __call__(self, name: str, fn: Callable, *args, donate_argnums: Tuple[int, ...] = ()):
+    return self.get(name, fn, *args, donate_argnums=donate_argnums)(*args)
+
+
+def pick_bucket(prompt_len: int, max_new_tokens: int, cache_len: int, buckets: Sequence[int]) -> int:
+  """Smallest bucket holding the prompt that leaves room for the new tokens."""
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+  if prompt_len < 1:
+    raise ValueError("a prompt must have at least one token")
+  room = cache_len - max_new_tokens
+  if prompt_len > room:
+    raise ValueError(
+        f"prompt of {prompt_len} tokens plus max_new_tokens={max_new_tokens} does not fit "
+        f"the cache length {cache_len}")
+  return min([b for b in buckets if prompt_len <= b <= room] or [room])
+
+
+def left_pad(prompt_ids: Sequence[Sequence[int]], length: int) -> Tuple[np.ndarray, np.ndarray]:
+  """(tokens int32 [B, length], start int32 [B]) with each prompt right-aligned."""
+  tokens = np.zeros((len(prompt_ids), length), np.int32)
+  start = np.zeros((len(prompt_ids),), np.int32)
+  for b, ids in enumerate(prompt_ids):
+    tokens[b, length - len(ids):] = ids
+    start[b] = length - len(ids)
+  return tokens, start
+
+
+@dataclasses.dataclass
+class GenerationResult:
+  token_ids: List[int]
+  text: Optional[str]
+  prompt_tokens: int
+  finish_reason: str        # "eos", "stop_string" or "length"
+
+
+@dataclasses.dataclass
+class GenerationStats:
+  prefill_seconds: float = 0.0
+  decode_seconds: float = 0.0
+  decode_steps: int = 0     # decode-step calls (each yields one token per sequence)
+
+  @property
+  def decode_tokens_per_second(self) -> float:
+    return self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
+
+
+def prefill_fn(config: ModelConfig, cache_len: int, sampling: SamplingConfig):
+  """(params, tokens [B, T], start [B], key) -> (first new token [B], cache)."""
+  def prefill(params: ModelParams, tokens_BT, start_B, key):
+    cache = init_cache(config, tokens_BT.shape[0], cache_len, start_B, params.embed_VE.dtype)
+    logits, cache = model.forward(params, config, cache, tokens_BT, last_only=True)
+    return sample(logits[:, 0], jax.random.fold_in(key, cache.length), sampling), cache
+  return prefill
+
+
+def decode_fn(config: ModelConfig, sampling: SamplingConfig):
+  """(params, cache, tokens [B], key) -> (next token [B], cache)."""
+  def decode_step(params: ModelParams, cache: KVCache, tokens_B, key):
+    logits, cache = model.forward(params, config, cache, tokens_B[:, None])
+    return sample(logits[:, 0], jax.random.fold_in(key, cache.length), sampling), cache
+  return decode_step
+
+
+class _StopTracker:
+  """Host-side bookkeeping of each sequence's tokens and stop conditions."""
+
+  def __init__(self, batch: int, eos_ids: Sequence[int], stop_strings: Sequence[str], tokenizer,
+               on_text: Optional[Callable[[int, str], None]]):
+    if (stop_strings or on_text) and tokenizer is None:
+      raise ValueError("stop strings and streaming need a tokenizer")
+    self.tokens: List[List[int]] = [[] for _ in range(batch)]
+    self.reasons: List[Optional[str]] = [None] * batch
+    self.texts: List[str] = [""] * batch
+    self._eos = set(eos_ids)
+    self._stops = tuple(stop_strings)
+    self._tokenizer = tokenizer
+    self._on_text = on_text
+
+  def _text(self, b: int) -> str:
+    return self._tokenizer.decode(self.tokens[b], skip_special_tokens=True)
+
+  def add(self, new_tokens_B: np.ndarray) -> bool:
+    """Records one token per live sequence; True when all have stopped."""
+    for b, token in enumerate(new_tokens_B.tolist()):
+      if self.reasons[b] is not None:
+        continue
+      if token in self._eos:
+        self.reasons[b] = "eos"
+        continue
+      self.tokens[b].append(token)
+      if self._tokenizer is None:
+        continue
+      text = self._text(b)
+      for stop in self._stops:
+        cut = text.find(stop)
+        if cut >= 0:
+          text, self.reasons[b] = text[:cut], "stop_string"
+      # Hold back a trailing replacement char: a multi-byte character may be incomplete.
+      stable = text if self.reasons[b] else text.rstrip("\ufffd")
+      if self._on_text and len(stable) > len(self.texts[b]):
+        self._on_text(b, stable[len(self.texts[b]):])
+      self.texts[b] = stable if len(stable) >= len(self.texts[b]) else self.texts[b]
+    return all(r is not None for r in self.reasons)
+
+  def results(self, prompt_lens: Sequence[int]) -> List[GenerationResult]:
+    out = []
+    for b, n in enumerate(prompt_lens):
+      text = None
+      if self._tokenizer is not None:
+        text = self.texts[b] if self.reasons[b] == "stop_string" else self._text(b)
+      out.append(GenerationResult(self.tokens[b], text, n, self.reasons[b] or "length"))
+    return out
+
+
+class Generator:
+  """Generates from a fixed set of parameters with one compiled step per shape."""
+
+  def __init__(self, config: ModelConfig, params: ModelParams, tokenizer=None, *,
+               cache_len: int = 1024, buckets: Sequence[int] = DEFAULT_BUCKETS,
+               sampling: SamplingConfig = SamplingConfig(), seed: int = 0):
+    if config.sliding_window and cache_len > config.sliding_window:
+      raise ValueError(f"cache_len {cache_len} exceeds the model's sliding window "
+                       f"{config.sliding_window}, which is not implemented")
+    self.config = config
+    self.params = params
+    self.tokenizer = tokenizer
+    self.cache_len = cache_len
+    self.buckets = tuple(sorted(buckets))
+    self.sampling = sampling
+    self.key = jax.random.key(seed)
+    self.compiled = CompiledFunctions()
+    self._prefill = prefill_fn(config, cache_len, sampling)
+    self._decode = decode_fn(config, sampling)
+    eos = list(config.eos_token_ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+      eos.append(tokenizer.eos_token_id)
+    self.eos_ids = tuple(sorted(set(eos)))
+
+  def encode(self, prompt: str, chat: bool = False) -> List[int]:
+    if chat:
+      return list(self.tokenizer.apply_chat_template(
+          [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True,
+          return_dict=True)["input_ids"])
+    return list(self.tokenizer(prompt)["input_ids"])
+
+  def bucket(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> int:
+    return pick_bucket(max(len(p) for p in prompt_ids), max_new_tokens, self.cache_len, self.buckets)
+
+  def prefill(self, params: ModelParams, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int):
+    """Pads, runs the compiled prefill. Returns (first tokens [B], cache)."""
+    tokens, start = left_pad(prompt_ids, self.bucket(prompt_ids, max_new_tokens))
+    return self.compiled("prefill", self._prefill, params, jnp.asarray(tokens),
+                         jnp.asarray(start), self.key)
+
+  def decode(self, params: ModelParams, cache: KVCache, tokens_B: jax.Array):
+    return self.compiled("decode", self._decode, params, cache, tokens_B, self.key,
+                         donate_argnums=(1,))
+
+  def compile_for(self, params: ModelParams, batch: int, bucket: int) -> None:
+    """Compiles prefill and decode for these shapes without running them."""
+    tokens = jax.ShapeDtypeStruct((batch, bucket), jnp.int32)
+    start = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    self.compiled.get("prefill", self._prefill, params, tokens, start, self.key)
+    first, cache = jax.eval_shape(self._prefill, params, tokens, start, self.key)
+    self.compiled.get("decode", self._decode, params, abstract(cache), abstract(first), self.key,
+                      donate_argnums=(1,))
+
+  def generate_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
+                   stop_strings: Sequence[str] = (),
+                   on_text: Optional[Callable[[int, str], None]] = None,
+                   ) -> Tuple[List[GenerationResult], GenerationStats]:
+    stats = GenerationStats()
+    tracker = _StopTracker(len(prompt_ids), self.eos_ids, stop_strings, self.tokenizer, on_text)
+    self.compile_for(self.params, len(prompt_ids), self.bucket(prompt_ids, max_new_tokens))
+
+    t0 = time.perf_counter()
+    tokens, cache = self.prefill(self.params, prompt_ids, max_new_tokens)
+    tokens.block_until_ready()
+    stats.prefill_seconds = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for _ in range(max_new_tokens - 1):
+      # Dispatch step n+1 before reading token n on the host, so the host's
+      # bookkeeping overlaps the device's work.
+      next_tokens, cache = self.decode(self.params, cache, tokens)
+      stats.decode_steps += 1
+      if tracker.add(np.asarray(tokens)):
+        break
+      tokens = next_tokens
+    else:
+      tracker.add(np.asarray(tokens))
+    jax.block_until_ready(cache)
+    stats.decode_seconds = time.perf_counter() - t0
+    return tracker.results([len(p) for p in prompt_ids]), stats
+
+  def generate(self, prompts: Sequence[str], max_new_tokens: int, chat: bool = False, **kwargs):
+    return self.generate_ids([self.encode(p, chat) for p in prompts], max_new_tokens, **kwargs)

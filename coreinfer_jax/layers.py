@@ -1,0 +1,105 @@
+"""The decoder's building blocks as pure functions."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from coreinfer_jax.config import ModelConfig
+from coreinfer_jax.params import AttentionParams, FFNParams, NormParams
+
+
+def norm(p: NormParams, x: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm when `p.bias_D` is None, LayerNorm otherwise; statistics in f32."""
+  x32 = x.astype(jnp.float32)
+  if p.bias_D is None:
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return p.scale_D * y.astype(x.dtype)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+  y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+  return (y * p.scale_D + p.bias_D).astype(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+  """Inverse frequencies [hd/2], with linear or llama3 scaling as transformers."""
+  hd = config.head_dim
+  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd))
+  inv_freq = inv_freq / config.rope_linear_factor
+  s = config.rope_scaling
+  if s is None:
+    return inv_freq.astype(np.float32)
+  low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+  high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+  smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+      s.high_freq_factor - s.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x_BTHK: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Half-rotation RoPE (the Hugging Face layout)."""
+  angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq   # [B, T, hd/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTHK.dtype)
+
+
+def linear(x: jax.Array, weight_OI: jax.Array, bias_O: Optional[jax.Array] = None) -> jax.Array:
+  y = jnp.einsum("...i,oi->...o", x, weight_OI)
+  return y if bias_O is None else y + bias_O
+
+
+def attention(p: AttentionParams, config: ModelConfig, x_BTD: jax.Array, positions_BT: jax.Array,
+              k_cache: jax.Array, v_cache: jax.Array, write_slot: jax.Array, start_B: jax.Array,
+              ) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """Writes this chunk's K/V at slots [write_slot, write_slot + T) of the
+  `[B, S, KVH, hd]` caches and attends causally over the cache, skipping each
+  sequence's padding. Returns (output [B, T, D], k_cache, v_cache)."""
+  B, T, _ = x_BTD.shape
+  H, KVH, hd = config.num_heads, config.num_kv_heads, config.head_dim
+  q = linear(x_BTD, p.q_weight, p.q_bias).reshape(B, T, H, hd)
+  k = linear(x_BTD, p.k_weight, p.k_bias).reshape(B, T, KVH, hd)
+  v = linear(x_BTD, p.v_weight, p.v_bias).reshape(B, T, KVH, hd)
+  if config.is_llama:
+    inv_freq = rope_inv_freq(config)
+    q = apply_rope(q, positions_BT, inv_freq)
+    k = apply_rope(k, positions_BT, inv_freq)
+  zero = jnp.zeros((), jnp.int32)
+  k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (zero, write_slot, zero, zero))
+  v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (zero, write_slot, zero, zero))
+
+  S = k_cache.shape[1]
+  q_slot_T = write_slot + jnp.arange(T, dtype=jnp.int32)
+  k_slot_S = jnp.arange(S, dtype=jnp.int32)
+  visible_BTS = (k_slot_S[None, None, :] <= q_slot_T[None, :, None]) & (
+      k_slot_S[None, None, :] >= start_B[:, None, None])
+  q = q.reshape(B, T, KVH, H // KVH, hd)
+  scores = jnp.einsum("btkgh,bskh->bkgts", q, k_cache, preferred_element_type=jnp.float32)
+  scores = scores * (1.0 / math.sqrt(hd))
+  scores = jnp.where(visible_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_cache).reshape(B, T, H * hd)
+  return linear(out, p.o_weight, p.o_bias), k_cache, v_cache
+
+
+def ffn_activations(p: FFNParams, x_BTD: jax.Array) -> jax.Array:
+  """The intermediate activation h [B, T, F] (F = kept neurons when gathered)."""
+  up = jnp.einsum("btd,fd->btf", x_BTD, p.up_FD)
+  if p.gate_FD is None:
+    return jax.nn.relu(up + p.up_bias_F)
+  return jax.nn.silu(jnp.einsum("btd,fd->btf", x_BTD, p.gate_FD)) * up
+
+
+def ffn_output(p: FFNParams, h_BTF: jax.Array) -> jax.Array:
+  out = jnp.einsum("btf,fd->btd", h_BTF, p.down_FD)
+  return out if p.down_bias_D is None else out + p.down_bias_D
