@@ -18,18 +18,19 @@ from coreinfer_jax.config import ModelConfig
 
 @struct.dataclass
 class KVCache:
-  k: Tuple[jax.Array, ...]   # per layer [B, S, KVH, hd]
-  v: Tuple[jax.Array, ...]   # per layer [B, S, KVH, hd]
+  k: Tuple[jax.Array, ...]   # per layer [B, KVH, S, hd]
+  v: Tuple[jax.Array, ...]   # per layer [B, KVH, S, hd]
   start_B: jax.Array         # int32 [B]: first real slot of each sequence
   length: jax.Array          # int32 []: slots written so far (next write slot)
 
   @property
   def max_len(self) -> int:
-    return self.k[0].shape[1]
+    return self.k[0].shape[2]
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, start_B: jax.Array, dtype) -> KVCache:
-  shape = (batch, max_len, config.num_kv_heads, config.head_dim)
-  zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-  return KVCache(k=zeros, v=zeros, start_B=jnp.asarray(start_B, jnp.int32),
+  shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+  return KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+                 v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+                 start_B=jnp.asarray(start_B, jnp.int32),
                  length=jnp.zeros((), jnp.int32))

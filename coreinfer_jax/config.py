@@ -138,6 +138,9 @@ def _llama_config(cfg: Mapping[str, Any]) -> ModelConfig:
   if model_type == "qwen2":
     _require(cfg, "use_sliding_window", not cfg.get("use_sliding_window", False),
              "Qwen2 sliding-window attention")
+  layer_types = cfg.get("layer_types") or []
+  _require(cfg, "layer_types", all(t == "full_attention" for t in layer_types),
+           "only full attention layers are implemented")
   num_heads = int(cfg["num_attention_heads"])
   hidden = int(cfg["hidden_size"])
   head_dim = cfg.get("head_dim") or hidden // num_heads

@@ -8,6 +8,7 @@ missing, unexpected or mis-shaped tensor.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
@@ -143,3 +144,30 @@ def params_from_hf_tensors(config: ModelConfig, tensors: Mapping[str, TensorGett
   params = _llama_params(take, config) if config.is_llama else _opt_params(take, config)
   take.finish()
   return params
+
+
+class _RandomTaker(_Taker):
+  """Stands in for a checkpoint: every requested tensor is random in its shape
+  (norm scales one), so random models share the real converter's layout."""
+
+  def __init__(self, seed: int, dtype):
+    super().__init__({}, dtype)
+    self._key = jax.random.key(seed)
+    self._count = 0
+
+  def __call__(self, name: str, shape: Tuple[int, ...], transpose: bool = False) -> jax.Array:
+    self._count += 1
+    if name.endswith("norm.weight") or name.endswith("layer_norm.weight"):
+      return jnp.ones(shape, self._dtype)
+    return _normal(jax.random.fold_in(self._key, self._count), shape, self._dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _normal(key, shape, dtype):
+  return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def random_params(config: ModelConfig, seed: int, dtype) -> ModelParams:
+  """Random weights in the real shapes of `config` (for speed work)."""
+  take = _RandomTaker(seed, dtype)
+  return _llama_params(take, config) if config.is_llama else _opt_params(take, config)

@@ -38,11 +38,6 @@ def _shape_key(args) -> Tuple:
   return treedef, tuple((a.shape, a.dtype) for a in leaves)
 
 
-def abstract(tree):
-  """ShapeDtypeStructs of a pytree of arrays (to compile without running)."""
-  return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
-
-
 class CompiledFunctions:
   """Ahead-of-time compilation, once per (function name, argument shapes)."""
 
@@ -50,6 +45,10 @@ class CompiledFunctions:
     self._executables: Dict[Tuple, Any] = {}
     self.compiles: collections.Counter = collections.Counter()
     self.compile_seconds: collections.Counter = collections.Counter()
+    self.warm_up_seconds = 0.0   # first runs of new executables
+
+  def has(self, name: str, *args) -> bool:
+    return (name, _shape_key(args)) in self._executables
 
   def get(self, name: str, fn: Callable, *args, donate_argnums: Tuple[int, ...] = ()):
     """The executable for these argument shapes (arrays or ShapeDtypeStructs)."""
@@ -215,21 +214,27 @@ class Generator:
   def prefill(self, params: ModelParams, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int):
     """Pads, runs the compiled prefill. Returns (first tokens [B], cache)."""
     tokens, start = left_pad(prompt_ids, self.bucket(prompt_ids, max_new_tokens))
-    return self.compiled("prefill", self._prefill, params, jnp.asarray(tokens),
-                         jnp.asarray(start), self.key)
+    return self.prefill_padded(params, jnp.asarray(tokens), jnp.asarray(start))
+
+  def prefill_padded(self, params: ModelParams, tokens_BT: jax.Array, start_B: jax.Array):
+    return self.compiled("prefill", self._prefill, params, tokens_BT, start_B, self.key)
 
   def decode(self, params: ModelParams, cache: KVCache, tokens_B: jax.Array):
     return self.compiled("decode", self._decode, params, cache, tokens_B, self.key,
                          donate_argnums=(1,))
 
   def compile_for(self, params: ModelParams, batch: int, bucket: int) -> None:
-    """Compiles prefill and decode for these shapes without running them."""
-    tokens = jax.ShapeDtypeStruct((batch, bucket), jnp.int32)
-    start = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    self.compiled.get("prefill", self._prefill, params, tokens, start, self.key)
-    first, cache = jax.eval_shape(self._prefill, params, tokens, start, self.key)
-    self.compiled.get("decode", self._decode, params, abstract(cache), abstract(first), self.key,
-                      donate_argnums=(1,))
+    """Compiles prefill and decode for these shapes, and runs each once on
+    dummy input: an executable's first run pays one-time costs (~1 s on
+    XLA:CPU) that belong to compilation, not to the prefill or decode timed."""
+    tokens = jnp.zeros((batch, bucket), jnp.int32)
+    start = jnp.zeros((batch,), jnp.int32)
+    if self.compiled.has("prefill", params, tokens, start, self.key):
+      return
+    t0 = time.perf_counter()
+    first, cache = self.prefill_padded(params, tokens, start)
+    jax.block_until_ready(self.decode(params, cache, first))
+    self.compiled.warm_up_seconds += time.perf_counter() - t0
 
   def generate_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
                    stop_strings: Sequence[str] = (),

@@ -63,7 +63,7 @@ def attention(p: AttentionParams, config: ModelConfig, x_BTD: jax.Array, positio
               k_cache: jax.Array, v_cache: jax.Array, write_slot: jax.Array, start_B: jax.Array,
               ) -> Tuple[jax.Array, jax.Array, jax.Array]:
   """Writes this chunk's K/V at slots [write_slot, write_slot + T) of the
-  `[B, S, KVH, hd]` caches and attends causally over the cache, skipping each
+  `[B, KVH, S, hd]` caches and attends causally over the cache, skipping each
   sequence's padding. Returns (output [B, T, D], k_cache, v_cache)."""
   B, T, _ = x_BTD.shape
   H, KVH, hd = config.num_heads, config.num_kv_heads, config.head_dim
@@ -75,20 +75,31 @@ def attention(p: AttentionParams, config: ModelConfig, x_BTD: jax.Array, positio
     q = apply_rope(q, positions_BT, inv_freq)
     k = apply_rope(k, positions_BT, inv_freq)
   zero = jnp.zeros((), jnp.int32)
-  k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (zero, write_slot, zero, zero))
-  v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (zero, write_slot, zero, zero))
+  k_cache = jax.lax.dynamic_update_slice(
+      k_cache, k.swapaxes(1, 2).astype(k_cache.dtype), (zero, zero, write_slot, zero))
+  v_cache = jax.lax.dynamic_update_slice(
+      v_cache, v.swapaxes(1, 2).astype(v_cache.dtype), (zero, zero, write_slot, zero))
 
-  S = k_cache.shape[1]
+  S = k_cache.shape[2]
   q_slot_T = write_slot + jnp.arange(T, dtype=jnp.int32)
   k_slot_S = jnp.arange(S, dtype=jnp.int32)
   visible_BTS = (k_slot_S[None, None, :] <= q_slot_T[None, :, None]) & (
       k_slot_S[None, None, :] >= start_B[:, None, None])
-  q = q.reshape(B, T, KVH, H // KVH, hd)
-  scores = jnp.einsum("btkgh,bskh->bkgts", q, k_cache, preferred_element_type=jnp.float32)
+  q = q.reshape(B, T, KVH, H // KVH, hd).transpose(0, 2, 3, 1, 4)   # [B, KVH, G, T, hd]
+  if T == 1:
+    # Decode: multiply-reduce reads the cache where it lies; a dot_general
+    # here makes XLA:CPU copy the whole cache into its preferred layout.
+    scores = jnp.sum(q.astype(jnp.float32) * k_cache[:, :, None], axis=-1)[:, :, :, None]
+  else:
+    scores = jnp.einsum("bkgth,bksh->bkgts", q, k_cache, preferred_element_type=jnp.float32)
   scores = scores * (1.0 / math.sqrt(hd))
   scores = jnp.where(visible_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_cache).reshape(B, T, H * hd)
+  if T == 1:
+    out = jnp.sum(probs[:, :, :, 0, :, None] * v_cache[:, :, None], axis=3)[:, :, :, None]
+  else:
+    out = jnp.einsum("bkgts,bksh->bkgth", probs, v_cache)
+  out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
   return linear(out, p.o_weight, p.o_bias), k_cache, v_cache
 
 

@@ -194,11 +194,29 @@ def load_hf_config_and_tensors(path: str) -> Tuple[Dict[str, Any], Dict[str, Ten
   raise ValueError(f"model path {path!r} is neither a Hugging Face folder nor a .gguf file")
 
 
-def load_tokenizer(path: str):
+def tokenizer_cache_dir() -> str:
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "coreinfer_jax", "tokenizers")
+
+
+def load_tokenizer(path: str, cache_dir: Optional[str] = None):
+  """From a folder's tokenizer files, or rebuilt from GGUF metadata. The GGUF
+  rebuild takes seconds, so its result is kept under `cache_dir` (default
+  `tokenizer_cache_dir()`), keyed by the file's fingerprint."""
   from transformers import AutoTokenizer
   if os.path.isdir(path):
     return AutoTokenizer.from_pretrained(path)
-  return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+  cached = os.path.join(cache_dir or tokenizer_cache_dir(), fingerprint(path))
+  if os.path.isfile(os.path.join(cached, "tokenizer.json")):
+    return AutoTokenizer.from_pretrained(cached)
+  tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+  try:
+    tmp = f"{cached}.tmp{os.getpid()}"
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, cached)
+  except OSError:
+    pass   # a read-only cache only costs time
+  return tokenizer
 
 
 def load_model(path: Optional[str] = None, dtype: Any = np.float32, with_tokenizer: bool = True) -> LoadedModel:

@@ -1,0 +1,96 @@
+"""What the scripts share: named configs, model loading from flags, errors.
+
+A named config (`configs/NAME.json`) gives defaults; a flag set explicitly on
+the command line overrides it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, Optional
+
+import jax.numpy as jnp
+from absl import flags
+
+from coreinfer_jax import loading
+from coreinfer_jax.config import ModelConfig, UnsupportedConfigError, config_from_hf
+from coreinfer_jax.convert import CheckpointError, random_params
+from coreinfer_jax.generation import default_dtype
+
+# Errors a user can cause with bad input: reported in one line, exit status 2.
+USER_ERRORS = (ValueError, FileNotFoundError, UnsupportedConfigError, CheckpointError)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def define_model_flags(configs_dir: str) -> None:
+  flags.DEFINE_string("model", None, "Hugging Face checkpoint folder or .gguf file "
+                      "(default: the embedded SmolLM2-135M-Instruct)")
+  flags.DEFINE_string("config", "default", "named config: a file NAME.json in --configs_dir")
+  flags.DEFINE_string("configs_dir", configs_dir, "folder of named configs")
+  flags.DEFINE_enum("dtype", "auto", ["auto"] + sorted(DTYPES), "compute dtype "
+                    "(auto: float32 on CPU, bfloat16 on GPU/TPU)")
+  flags.DEFINE_integer("cache_len", 1024, "KV cache length (prompt bucket + new tokens must fit)")
+
+
+def load_named_config(configs_dir: str, name: str) -> Dict[str, Any]:
+  path = os.path.join(configs_dir, f"{name}.json")
+  if not os.path.isfile(path):
+    available = sorted(f[:-5] for f in os.listdir(configs_dir) if f.endswith(".json"))
+    raise FileNotFoundError(f"no config named {name!r} in {configs_dir} (available: {available})")
+  with open(path) as fh:
+    return json.load(fh)
+
+
+def settings(FLAGS, names) -> Dict[str, Any]:
+  """Flag values by name: the named config's value unless the flag was set."""
+  named = load_named_config(FLAGS.configs_dir, FLAGS.config)
+  return {n: FLAGS[n].value if FLAGS[n].present or n not in named else named[n] for n in names}
+
+
+def resolve_dtype(name: str):
+  return default_dtype() if name == "auto" else DTYPES[name]
+
+
+def shape_config(configs_dir: str, shape: str, num_layers: Optional[int] = None) -> ModelConfig:
+  hf = load_named_config(os.path.join(configs_dir, "shapes"), shape)
+  if num_layers:
+    hf = dict(hf, num_hidden_layers=num_layers)
+  return config_from_hf(hf)
+
+
+def load(model: Optional[str], dtype, shape: Optional[str] = None, configs_dir: str = "",
+         num_layers: Optional[int] = None, seed: int = 0):
+  """(LoadedModel, load seconds). A `shape` gives random weights, no tokenizer."""
+  t0 = time.perf_counter()
+  if shape:
+    config = shape_config(configs_dir, shape, num_layers)
+    m = loading.LoadedModel(config, random_params(config, seed, dtype), None,
+                            f"random:{shape}", f"random:{shape}:{seed}")
+  else:
+    m = loading.load_model(model, dtype)
+  return m, time.perf_counter() - t0
+
+
+def run_main(main):
+  """Wraps an absl main: a user error prints one line and exits with status 2."""
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except USER_ERRORS as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+  return wrapped
+
+
+def write_json(path: Optional[str], payload: Any) -> None:
+  if not path:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as fh:
+    json.dump(payload, fh, indent=2)
+  os.replace(tmp, path)

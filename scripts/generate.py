@@ -1,0 +1,90 @@
+"""Generates text, streaming it, and reports prefill time and decode speed.
+
+  python scripts/generate.py --prompt="The capital of France is"
+  python scripts/generate.py --prompts_file=prompts.txt --json_out=out.json
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from coreinfer_jax import cli  # noqa: E402
+from coreinfer_jax.generation import Generator  # noqa: E402
+from coreinfer_jax.sampling import SamplingConfig  # noqa: E402
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+cli.define_model_flags(CONFIGS_DIR)
+flags.DEFINE_string("prompt", None, "the prompt")
+flags.DEFINE_string("prompts_file", None, "a file of prompts, one per line, run one after another")
+flags.DEFINE_integer("max_new_tokens", 64, "most tokens to generate per prompt")
+flags.DEFINE_float("temperature", 0.0, "0: greedy")
+flags.DEFINE_integer("top_k", 0, "0: off")
+flags.DEFINE_float("top_p", 1.0, "1: off")
+flags.DEFINE_integer("seed", 0, "sampling seed")
+flags.DEFINE_multi_string("stop", [], "stop string (repeatable)")
+flags.DEFINE_boolean("chat", False, "wrap the prompt in the tokenizer's chat template")
+flags.DEFINE_boolean("stream", True, "print text as it is generated")
+flags.DEFINE_string("json_out", None, "write results as JSON here")
+FLAGS = flags.FLAGS
+
+
+def _prompts():
+  if bool(FLAGS.prompt) == bool(FLAGS.prompts_file):
+    raise ValueError("give exactly one of --prompt or --prompts_file")
+  if FLAGS.prompt:
+    return [FLAGS.prompt]
+  with open(FLAGS.prompts_file) as fh:
+    prompts = [line.rstrip("\n") for line in fh if line.strip()]
+  if not prompts:
+    raise ValueError(f"{FLAGS.prompts_file} holds no prompts")
+  return prompts
+
+
+def main(argv):
+  del argv
+  s = cli.settings(FLAGS, ["dtype", "cache_len", "max_new_tokens", "temperature", "top_k",
+                           "top_p", "seed", "chat"])
+  if s["max_new_tokens"] < 1:
+    raise ValueError(f"--max_new_tokens must be at least 1, got {s['max_new_tokens']}")
+  sampling = SamplingConfig(s["temperature"], s["top_k"], s["top_p"])
+  prompts = _prompts()
+  m, load_seconds = cli.load(FLAGS.model, cli.resolve_dtype(s["dtype"]))
+  print(f"[loaded {m.path} in {load_seconds:.1f}s]", file=sys.stderr)
+  gen = Generator(m.config, m.params, m.tokenizer, cache_len=s["cache_len"], sampling=sampling,
+                  seed=s["seed"])
+  records = []
+  for prompt in prompts:
+    ids = gen.encode(prompt, chat=s["chat"])
+    if FLAGS.stream:
+      print(prompt, end="", flush=True)
+    on_text = (lambda b, piece: print(piece, end="", flush=True)) if FLAGS.stream else None
+    (result,), stats = gen.generate_ids([ids], s["max_new_tokens"], stop_strings=FLAGS.stop,
+                                        on_text=on_text)
+    print("" if FLAGS.stream else result.text)
+    print(f"[prompt {result.prompt_tokens} tokens, prefill {stats.prefill_seconds * 1e3:.1f} ms, "
+          f"{len(result.token_ids)} new tokens, decode {stats.decode_tokens_per_second:.1f} tokens/s, "
+          f"stop: {result.finish_reason}]", file=sys.stderr)
+    records.append({
+        "text": result.text,
+        "token_ids": result.token_ids,
+        "prompt_tokens": result.prompt_tokens,
+        "finish_reason": result.finish_reason,
+        "prefill_seconds": stats.prefill_seconds,
+        "decode_tokens_per_second": stats.decode_tokens_per_second,
+        "decode_compiles": gen.compiled.compiles["decode"],
+    })
+  compile_seconds = dict(gen.compiled.compile_seconds)
+  print(f"[compiles {dict(gen.compiled.compiles)}, compile seconds "
+        f"{ {k: round(v, 2) for k, v in compile_seconds.items()} }, load {load_seconds:.1f}s]",
+        file=sys.stderr)
+  payload = records[0] if len(records) == 1 else {"results": records}
+  payload.update(model=m.path, load_seconds=load_seconds, compile_seconds=compile_seconds,
+                 decode_compiles=gen.compiled.compiles["decode"])
+  cli.write_json(FLAGS.json_out, payload)
+
+
+if __name__ == "__main__":
+  app.run(cli.run_main(main))

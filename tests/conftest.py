@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random Hugging Face models saved as checkpoint folders."""
+
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 128
+
+TINY_CONFIGS = {
+    "llama_tied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True)),
+    "llama3_rope": ("LlamaConfig", "LlamaForCausalLM", dict(
+        tie_word_embeddings=False, max_position_embeddings=256,
+        rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
+                         "rope_theta": 500000.0})),
+    "qwen2_bias": ("Qwen2Config", "Qwen2ForCausalLM", dict(max_position_embeddings=256)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+    "opt_pre_ln": ("OPTConfig", "OPTForCausalLM", dict(ffn_dim=96, max_position_embeddings=256)),
+    "opt_post_ln_proj": ("OPTConfig", "OPTForCausalLM", dict(
+        ffn_dim=96, max_position_embeddings=256, do_layer_norm_before=False, word_embed_proj_dim=32)),
+}
+
+
+def make_tiny_hf_model(name: str, seed: int = 0):
+  """A tiny transformers model with every parameter randomised (norm weights
+  and biases too, so that a dropped bias or scale would show)."""
+  config_cls, model_cls, extra = TINY_CONFIGS[name]
+  config = getattr(transformers, config_cls)(
+      vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+      num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, **extra)
+  torch.manual_seed(seed)
+  model = getattr(transformers, model_cls)(config).eval()
+  with torch.no_grad():
+    for pname, p in model.named_parameters():
+      if p.ndim == 1 and "norm" in pname and pname.endswith("weight"):
+        p.copy_(1.0 + 0.2 * torch.randn_like(p))
+      else:
+        p.copy_(0.2 * torch.randn_like(p) / max(1, p.shape[-1]) ** 0.5 * 4)
+  return model
+
+
+@pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))
+def tiny_checkpoint(request, tmp_path_factory):
+  """(name, folder, torch model) for each tiny architecture."""
+  model = make_tiny_hf_model(request.param)
+  folder = str(tmp_path_factory.mktemp(request.param))
+  model.save_pretrained(folder)
+  return request.param, folder, model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+  model = make_tiny_hf_model("llama_tied")
+  folder = str(tmp_path_factory.mktemp("llama_tied_single"))
+  model.save_pretrained(folder)
+  return folder
+
+
+def random_prompts(lengths, seed=0):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(3, VOCAB, size=n).tolist() for n in lengths]
