@@ -7,6 +7,7 @@ the command line overrides it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -25,8 +26,11 @@ USER_ERRORS = (ValueError, FileNotFoundError, UnsupportedConfigError, Checkpoint
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
+# The checkout's configs/ folder (scripts run from a checkout or editable install).
+REPO_CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
-def define_model_flags(configs_dir: str) -> None:
+
+def define_model_flags(configs_dir: str = REPO_CONFIGS_DIR) -> None:
   flags.DEFINE_string("model", None, "Hugging Face checkpoint folder or .gguf file "
                       "(default: the embedded SmolLM2-135M-Instruct)")
   flags.DEFINE_string("config", "default", "named config: a file NAME.json in --configs_dir")
@@ -78,6 +82,8 @@ def load(model: Optional[str], dtype, shape: Optional[str] = None, configs_dir: 
 def run_main(main):
   """Wraps an absl main: a user error prints one line and exits with status 2."""
   def wrapped(argv):
+    # JAX logs at INFO that TPU/GPU backends are absent; not news on a CPU run.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     try:
       return main(argv)
     except USER_ERRORS as e:

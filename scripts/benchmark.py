@@ -20,8 +20,7 @@ from coreinfer_jax import benchmarking, cli  # noqa: E402
 from coreinfer_jax.generation import Generator  # noqa: E402
 from coreinfer_jax.params import decode_weight_bytes  # noqa: E402
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-cli.define_model_flags(CONFIGS_DIR)
+cli.define_model_flags()
 flags.DEFINE_string("shape", None, "a model shape in configs/shapes (random weights, real shape)")
 flags.DEFINE_integer("num_layers", None, "with --shape: override the depth (to fit memory)")
 flags.DEFINE_integer("prompt_len", 128, "prompt tokens (random ids)")

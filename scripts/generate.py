@@ -15,8 +15,7 @@ from coreinfer_jax import cli  # noqa: E402
 from coreinfer_jax.generation import Generator  # noqa: E402
 from coreinfer_jax.sampling import SamplingConfig  # noqa: E402
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-cli.define_model_flags(CONFIGS_DIR)
+cli.define_model_flags()
 flags.DEFINE_string("prompt", None, "the prompt")
 flags.DEFINE_string("prompts_file", None, "a file of prompts, one per line, run one after another")
 flags.DEFINE_integer("max_new_tokens", 64, "most tokens to generate per prompt")

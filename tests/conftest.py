@@ -12,10 +12,12 @@ VOCAB = 128
 
 TINY_CONFIGS = {
     "llama_tied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True)),
+    # Original context 64 puts one RoPE wavelength (32.4) inside llama3's
+    # smoothed band [16, 64], so all three branches of the scaling are exercised.
     "llama3_rope": ("LlamaConfig", "LlamaForCausalLM", dict(
         tie_word_embeddings=False, max_position_embeddings=256,
         rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
                          "rope_theta": 500000.0})),
     "qwen2_bias": ("Qwen2Config", "Qwen2ForCausalLM", dict(max_position_embeddings=256)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
