@@ -23,10 +23,6 @@ class KVCache:
   start_B: jax.Array         # int32 [B]: first real slot of each sequence
   length: jax.Array          # int32 []: slots written so far (next write slot)
 
-  @property
-  def max_len(self) -> int:
-    return self.k[0].shape[2]
-
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, start_B: jax.Array, dtype) -> KVCache:
   shape = (batch, config.num_kv_heads, max_len, config.head_dim)

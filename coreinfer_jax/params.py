@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
@@ -48,10 +47,6 @@ class FFNParams:
   up_bias_F: Optional[jax.Array] = None     # OPT fc1 bias
   down_bias_D: Optional[jax.Array] = None   # OPT fc2 bias
 
-  @property
-  def num_neurons(self) -> int:
-    return self.up_FD.shape[0]
-
 
 @struct.dataclass
 class LayerParams:
@@ -74,10 +69,6 @@ class ModelParams:
   @property
   def output_embedding(self) -> jax.Array:
     return self.embed_VE if self.lm_head_VE is None else self.lm_head_VE
-
-
-def cast_params(params: ModelParams, dtype) -> ModelParams:
-  return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params)
 
 
 def param_bytes(tree) -> int:
