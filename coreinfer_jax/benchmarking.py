@@ -10,7 +10,6 @@ from typing import List, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from coreinfer_jax.generation import Generator
 from coreinfer_jax.params import ModelParams

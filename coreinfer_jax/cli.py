@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from absl import flags
 
 from coreinfer_jax import loading
-from coreinfer_jax.config import ModelConfig, UnsupportedConfigError, config_from_hf
+from coreinfer_jax.config import UnsupportedConfigError, config_from_hf
 from coreinfer_jax.convert import CheckpointError, random_params
 from coreinfer_jax.generation import default_dtype
 
@@ -59,11 +59,10 @@ def resolve_dtype(name: str):
   return default_dtype() if name == "auto" else DTYPES[name]
 
 
-def shape_config(configs_dir: str, shape: str, num_layers: Optional[int] = None) -> ModelConfig:
+def shape_hf_config(configs_dir: str, shape: str, num_layers: Optional[int] = None) -> Dict[str, Any]:
+  """A model shape's Hugging Face config dict (`configs/shapes/NAME.json`)."""
   hf = load_named_config(os.path.join(configs_dir, "shapes"), shape)
-  if num_layers:
-    hf = dict(hf, num_hidden_layers=num_layers)
-  return config_from_hf(hf)
+  return dict(hf, num_hidden_layers=num_layers) if num_layers else hf
 
 
 def load(model: Optional[str], dtype, shape: Optional[str] = None, configs_dir: str = "",
@@ -71,7 +70,7 @@ def load(model: Optional[str], dtype, shape: Optional[str] = None, configs_dir: 
   """(LoadedModel, load seconds). A `shape` gives random weights, no tokenizer."""
   t0 = time.perf_counter()
   if shape:
-    config = shape_config(configs_dir, shape, num_layers)
+    config = config_from_hf(shape_hf_config(configs_dir, shape, num_layers))
     m = loading.LoadedModel(config, random_params(config, seed, dtype), None,
                             f"random:{shape}", f"random:{shape}:{seed}")
   else:

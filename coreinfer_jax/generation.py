@@ -45,7 +45,7 @@ class CompiledFunctions:
     self._executables: Dict[Tuple, Any] = {}
     self.compiles: collections.Counter = collections.Counter()
     self.compile_seconds: collections.Counter = collections.Counter()
-    self.warm_up_seconds = 0.0   # first runs of new executables
+    self.warm_up_seconds = 0.0   # first runs of new executables, compilation excluded
 
   def has(self, name: str, *args) -> bool:
     return (name, _shape_key(args)) in self._executables
@@ -232,9 +232,11 @@ class Generator:
     if self.compiled.has("prefill", params, tokens, start, self.key):
       return
     t0 = time.perf_counter()
+    compile_before = sum(self.compiled.compile_seconds.values())
     first, cache = self.prefill_padded(params, tokens, start)
     jax.block_until_ready(self.decode(params, cache, first))
-    self.compiled.warm_up_seconds += time.perf_counter() - t0
+    compiled = sum(self.compiled.compile_seconds.values()) - compile_before
+    self.compiled.warm_up_seconds += time.perf_counter() - t0 - compiled
 
   def generate_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
                    stop_strings: Sequence[str] = (),

@@ -54,10 +54,7 @@ def main(argv):
   if FLAGS.compare_hf:
     import torch
     torch.set_num_threads(os.cpu_count())
-    hf_config = (cli.load_named_config(os.path.join(FLAGS.configs_dir, "shapes"), s["shape"])
-                 if s["shape"] else {})
-    if FLAGS.num_layers:
-      hf_config["num_hidden_layers"] = FLAGS.num_layers
+    hf_config = cli.shape_hf_config(FLAGS.configs_dir, s["shape"], FLAGS.num_layers) if s["shape"] else {}
     hf = benchmarking.hf_model(m.path, hf_config, dtype_name)
 
   ours, theirs, prefills = [], [], []

@@ -1,6 +1,5 @@
 """Shared fixtures: tiny random Hugging Face models saved as checkpoint folders."""
 
-import os
 
 import numpy as np
 import pytest
