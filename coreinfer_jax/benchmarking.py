@@ -11,8 +11,7 @@ from typing import List, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
-from coreinfer_jax.generation import Generator
-from coreinfer_jax.params import ModelParams
+from coreinfer_jax.generation import GenerationStats, Generator
 
 
 def probe_gb_per_s(total_bytes: int, dtype=jnp.float32, rows: int = 5632, repeats: int = 10) -> float:
@@ -39,20 +38,19 @@ def probe_gb_per_s(total_bytes: int, dtype=jnp.float32, rows: int = 5632, repeat
   return count * rows * cols * itemsize / statistics.median(times) / 1e9
 
 
-def time_prefill_and_decode(gen: Generator, params: ModelParams, prompt_ids: Sequence[Sequence[int]],
-                            decode_steps: int) -> Tuple[float, float]:
-  """(prefill seconds, decode tokens/s per sequence) of one run; the decode
-  loop reads nothing back until its end, measuring the device's rate."""
-  gen.compile_for(params, len(prompt_ids), gen.bucket(prompt_ids, decode_steps + 1))
-  t0 = time.perf_counter()
-  tokens, cache = gen.prefill(params, prompt_ids, decode_steps + 1)
-  tokens.block_until_ready()
-  prefill = time.perf_counter() - t0
+def time_prefill_and_decode(gen: Generator, prompt_ids: Sequence[Sequence[int]],
+                            decode_steps: int) -> Tuple[GenerationStats, float]:
+  """(prefill stats, decode tokens/s per sequence) of one run; the decode loop
+  reads nothing back until its end, measuring the device's rate."""
+  gen.compile_for(gen.params, len(prompt_ids), gen.bucket(prompt_ids, decode_steps + 1))
+  stats = GenerationStats()
+  state = gen.timed_prefill(prompt_ids, decode_steps + 1, stats)
+  tokens, cache = state.tokens_B, state.cache
   t0 = time.perf_counter()
   for _ in range(decode_steps):
-    tokens, cache = gen.decode(params, cache, tokens)
+    tokens, cache = gen.decode(state.decode_params, cache, tokens)
   tokens.block_until_ready()
-  return prefill, decode_steps / (time.perf_counter() - t0)
+  return stats, decode_steps / (time.perf_counter() - t0)
 
 
 def hf_model(model_path: str, hf_config: dict, dtype_name: str):

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from absl import flags
 
 from coreinfer_jax import loading
-from coreinfer_jax.config import UnsupportedConfigError, config_from_hf
+from coreinfer_jax.config import ModelConfig, UnsupportedConfigError, config_from_hf
+from coreinfer_jax.core import SCORINGS, CoreSpec, core_spec, parse_beta
 from coreinfer_jax.convert import CheckpointError, random_params
 from coreinfer_jax.generation import default_dtype
 
@@ -38,6 +39,35 @@ def define_model_flags(configs_dir: str = REPO_CONFIGS_DIR) -> None:
   flags.DEFINE_enum("dtype", "auto", ["auto"] + sorted(DTYPES), "compute dtype "
                     "(auto: float32 on CPU, bfloat16 on GPU/TPU)")
   flags.DEFINE_integer("cache_len", 1024, "KV cache length (prompt bucket + new tokens must fit)")
+
+
+METHODS = ("dense", "stability")
+CORE_FLAGS = ["method", "beta", "alpha", "scoring", "sparse_layers", "beta_file"]
+
+
+def define_core_flags() -> None:
+  flags.DEFINE_string("method", "dense", f"decoding method: {' | '.join(METHODS)}")
+  flags.DEFINE_string("beta", "0.4", "kept fraction of FFN neurons in each sparsified layer: "
+                      "one value, or a comma list with one value per sparsified layer")
+  flags.DEFINE_float("alpha", 0.2, "token-wise core fraction (signed, magnitude scorings)")
+  flags.DEFINE_string("scoring", "signed", f"core-neuron scoring: {' | '.join(SCORINGS)}")
+  flags.DEFINE_string("sparse_layers", "paper", "sparsified layers: 'paper' (the official "
+                      "5..26 of 32, as a fraction of depth), 'all', 'A:B' or a comma list")
+  flags.DEFINE_string("beta_file", None, "JSON with one β per model layer (null: dense); "
+                      "replaces --beta and --sparse_layers")
+
+
+def core_spec_for(method: str, s: Dict[str, Any], config: ModelConfig,
+                  beta: Optional[str] = None) -> Optional[CoreSpec]:
+  """The validated `CoreSpec` of a method (None for dense) from the settings of
+  `CORE_FLAGS`; `beta` overrides `s["beta"]`."""
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+  if method == "dense":
+    return None
+  return core_spec(config.num_layers, config.intermediate_size,
+                   beta=parse_beta(s["beta"] if beta is None else beta), alpha=s["alpha"],
+                   scoring=s["scoring"], sparse_layers=s["sparse_layers"], beta_file=s["beta_file"])
 
 
 def load_named_config(configs_dir: str, name: str) -> Dict[str, Any]:
@@ -65,12 +95,20 @@ def shape_hf_config(configs_dir: str, shape: str, num_layers: Optional[int] = No
   return dict(hf, num_hidden_layers=num_layers) if num_layers else hf
 
 
+def model_config(model: Optional[str], shape: Optional[str] = None, configs_dir: str = "",
+                 num_layers: Optional[int] = None) -> ModelConfig:
+  """The config alone, cheaply: settings are checked against it before loading."""
+  if shape:
+    return config_from_hf(shape_hf_config(configs_dir, shape, num_layers))
+  return loading.load_config(model)
+
+
 def load(model: Optional[str], dtype, shape: Optional[str] = None, configs_dir: str = "",
          num_layers: Optional[int] = None, seed: int = 0):
   """(LoadedModel, load seconds). A `shape` gives random weights, no tokenizer."""
   t0 = time.perf_counter()
   if shape:
-    config = config_from_hf(shape_hf_config(configs_dir, shape, num_layers))
+    config = model_config(model, shape, configs_dir, num_layers)
     m = loading.LoadedModel(config, random_params(config, seed, dtype), None,
                             f"random:{shape}", f"random:{shape}:{seed}")
   else:

@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coreinfer_jax import model
+from coreinfer_jax import gather, model, selection
 from coreinfer_jax.cache import KVCache, init_cache
 from coreinfer_jax.config import ModelConfig
+from coreinfer_jax.core import CoreSpec
 from coreinfer_jax.params import ModelParams
 from coreinfer_jax.sampling import SamplingConfig, sample
 
@@ -100,7 +101,12 @@ class GenerationResult:
 
 @dataclasses.dataclass
 class GenerationStats:
-  prefill_seconds: float = 0.0
+  prefill_seconds: float = 0.0   # dense prefill + core selection + gather
+  gather_seconds: float = 0.0
+  # Core selection runs inside the prefill; with `Generator.time_selection` it
+  # is measured as this prefill minus a dense prefill of the same input.
+  select_seconds: Optional[float] = None
+  ffn_bytes_fraction: float = 1.0   # FFN weight bytes per decode token, sparse over dense
   decode_seconds: float = 0.0
   decode_steps: int = 0     # decode-step calls (each yields one token per sequence)
 
@@ -109,12 +115,19 @@ class GenerationStats:
     return self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
 
 
-def prefill_fn(config: ModelConfig, cache_len: int, sampling: SamplingConfig):
-  """(params, tokens [B, T], start [B], key) -> (first new token [B], cache)."""
+def prefill_fn(config: ModelConfig, cache_len: int, sampling: SamplingConfig,
+               core: Optional[CoreSpec] = None):
+  """(params, tokens [B, T], start [B], key) -> (first new token [B], cache,
+  per layer core neurons int32 [B, k] or None). Dense, with `core`'s
+  selection computed from the FFN values inside the same pass."""
+  select = selection.layer_selector(core, relu=not config.is_llama) if core else None
+
   def prefill(params: ModelParams, tokens_BT, start_B, key):
     cache = init_cache(config, tokens_BT.shape[0], cache_len, start_B, params.embed_VE.dtype)
-    logits, cache = model.forward(params, config, cache, tokens_BT, last_only=True)
-    return sample(logits[:, 0], jax.random.fold_in(key, cache.length), sampling), cache
+    logits, cache, core_neurons = model.forward_with_core(
+        params, config, cache, tokens_BT, select, last_only=True)
+    first = sample(logits[:, 0], jax.random.fold_in(key, cache.length), sampling)
+    return first, cache, core_neurons
   return prefill
 
 
@@ -177,24 +190,45 @@ class _StopTracker:
     return out
 
 
+@dataclasses.dataclass
+class Prefilled:
+  """What a prefill hands to decoding."""
+  tokens_B: jax.Array            # the first new token of each sequence
+  cache: KVCache
+  decode_params: ModelParams     # the parameters, with gathered FFNs when sparse
+  core: gather.CoreIndices       # per layer int32 [B, k], or None (dense layer)
+
+
 class Generator:
-  """Generates from a fixed set of parameters with one compiled step per shape."""
+  """Generates from a fixed set of parameters with one compiled step per shape.
+
+  With `core` (a `CoreSpec`), the prefill also selects each sparsified layer's
+  core neurons, one compiled gather copies their rows, and decoding runs on
+  those compact FFNs: the decode step compiles once per (batch, k, cache
+  length) and serves every later prompt.
+  """
 
   def __init__(self, config: ModelConfig, params: ModelParams, tokenizer=None, *,
                cache_len: int = 1024, buckets: Sequence[int] = DEFAULT_BUCKETS,
-               sampling: SamplingConfig = SamplingConfig(), seed: int = 0):
+               sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+               core: Optional[CoreSpec] = None, time_selection: bool = False):
     if config.sliding_window and cache_len > config.sliding_window:
       raise ValueError(f"cache_len {cache_len} exceeds the model's sliding window "
                        f"{config.sliding_window}, which is not implemented")
+    if core is not None and len(core.layer_k) != config.num_layers:
+      raise ValueError(f"core spec for {len(core.layer_k)} layers, model has {config.num_layers}")
     self.config = config
     self.params = params
     self.tokenizer = tokenizer
     self.cache_len = cache_len
     self.buckets = tuple(sorted(buckets))
     self.sampling = sampling
+    self.core = core
+    self.time_selection = time_selection and core is not None
     self.key = jax.random.key(seed)
     self.compiled = CompiledFunctions()
-    self._prefill = prefill_fn(config, cache_len, sampling)
+    self._prefill = prefill_fn(config, cache_len, sampling, core)
+    self._dense_prefill = prefill_fn(config, cache_len, sampling)
     self._decode = decode_fn(config, sampling)
     eos = list(config.eos_token_ids)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -211,21 +245,40 @@ class Generator:
   def bucket(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> int:
     return pick_bucket(max(len(p) for p in prompt_ids), max_new_tokens, self.cache_len, self.buckets)
 
-  def prefill(self, params: ModelParams, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int):
-    """Pads, runs the compiled prefill. Returns (first tokens [B], cache)."""
+  def pad(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> Tuple[jax.Array, jax.Array]:
     tokens, start = left_pad(prompt_ids, self.bucket(prompt_ids, max_new_tokens))
-    return self.prefill_padded(params, jnp.asarray(tokens), jnp.asarray(start))
+    return jnp.asarray(tokens), jnp.asarray(start)
 
   def prefill_padded(self, params: ModelParams, tokens_BT: jax.Array, start_B: jax.Array):
+    """(first tokens [B], cache, core neurons): the compiled prefill, selecting."""
     return self.compiled("prefill", self._prefill, params, tokens_BT, start_B, self.key)
+
+  def dense_prefill_padded(self, params: ModelParams, tokens_BT: jax.Array, start_B: jax.Array):
+    """The same prefill without selection (to measure what selection costs)."""
+    if self.core is None:
+      return self.prefill_padded(params, tokens_BT, start_B)
+    return self.compiled("dense_prefill", self._dense_prefill, params, tokens_BT, start_B, self.key)
+
+  def decode_params(self, params: ModelParams, core: gather.CoreIndices) -> ModelParams:
+    """`params` with each sparsified layer's FFN gathered down to its core rows."""
+    if self.core is None:
+      return params
+    compact = self.compiled("gather", gather.gather_core, params, core)
+    return gather.with_compact_ffn(params, compact)
+
+  def prefill(self, params: ModelParams, prompt_ids: Sequence[Sequence[int]],
+              max_new_tokens: int) -> Prefilled:
+    """Pads, runs the compiled prefill and, when sparse, the gather."""
+    tokens, cache, core = self.prefill_padded(params, *self.pad(prompt_ids, max_new_tokens))
+    return Prefilled(tokens, cache, self.decode_params(params, core), core)
 
   def decode(self, params: ModelParams, cache: KVCache, tokens_B: jax.Array):
     return self.compiled("decode", self._decode, params, cache, tokens_B, self.key,
                          donate_argnums=(1,))
 
   def compile_for(self, params: ModelParams, batch: int, bucket: int) -> None:
-    """Compiles prefill and decode for these shapes, and runs each once on
-    dummy input: an executable's first run pays one-time costs (~1 s on
+    """Compiles prefill, gather and decode for these shapes, and runs each once
+    on dummy input: an executable's first run pays one-time costs (~1 s on
     XLA:CPU) that belong to compilation, not to the prefill or decode timed."""
     tokens = jnp.zeros((batch, bucket), jnp.int32)
     start = jnp.zeros((batch,), jnp.int32)
@@ -233,10 +286,30 @@ class Generator:
       return
     t0 = time.perf_counter()
     compile_before = sum(self.compiled.compile_seconds.values())
-    first, cache = self.prefill_padded(params, tokens, start)
-    jax.block_until_ready(self.decode(params, cache, first))
+    first, cache, core = self.prefill_padded(params, tokens, start)
+    jax.block_until_ready(self.decode(self.decode_params(params, core), cache, first))
+    if self.time_selection:
+      jax.block_until_ready(self.dense_prefill_padded(params, tokens, start))
     compiled = sum(self.compiled.compile_seconds.values()) - compile_before
     self.compiled.warm_up_seconds += time.perf_counter() - t0 - compiled
+
+  def timed_prefill(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
+                     stats: GenerationStats) -> Prefilled:
+    """The prefill and gather, timed into `stats` (compile first: `compile_for`)."""
+    tokens_BT, start_B = self.pad(prompt_ids, max_new_tokens)
+    t0 = time.perf_counter()
+    tokens, cache, core = jax.block_until_ready(self.prefill_padded(self.params, tokens_BT, start_B))
+    selecting_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    decode_params = jax.block_until_ready(self.decode_params(self.params, core))
+    stats.gather_seconds = time.perf_counter() - t0
+    stats.prefill_seconds = selecting_seconds + stats.gather_seconds
+    stats.ffn_bytes_fraction = gather.ffn_bytes_fraction(self.params, decode_params)
+    if self.time_selection:
+      t0 = time.perf_counter()
+      jax.block_until_ready(self.dense_prefill_padded(self.params, tokens_BT, start_B))
+      stats.select_seconds = selecting_seconds - (time.perf_counter() - t0)
+    return Prefilled(tokens, cache, decode_params, core)
 
   def generate_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
                    stop_strings: Sequence[str] = (),
@@ -245,17 +318,14 @@ class Generator:
     stats = GenerationStats()
     tracker = _StopTracker(len(prompt_ids), self.eos_ids, stop_strings, self.tokenizer, on_text)
     self.compile_for(self.params, len(prompt_ids), self.bucket(prompt_ids, max_new_tokens))
-
-    t0 = time.perf_counter()
-    tokens, cache = self.prefill(self.params, prompt_ids, max_new_tokens)
-    tokens.block_until_ready()
-    stats.prefill_seconds = time.perf_counter() - t0
+    state = self.timed_prefill(prompt_ids, max_new_tokens, stats)
+    tokens, cache = state.tokens_B, state.cache
 
     t0 = time.perf_counter()
     for _ in range(max_new_tokens - 1):
       # Dispatch step n+1 before reading token n on the host, so the host's
       # bookkeeping overlaps the device's work.
-      next_tokens, cache = self.decode(self.params, cache, tokens)
+      next_tokens, cache = self.decode(state.decode_params, cache, tokens)
       stats.decode_steps += 1
       if tracker.add(np.asarray(tokens)):
         break

@@ -103,14 +103,31 @@ def attention(p: AttentionParams, config: ModelConfig, x_BTD: jax.Array, positio
   return linear(out, p.o_weight, p.o_bias), k_cache, v_cache
 
 
-def ffn_activations(p: FFNParams, x_BTD: jax.Array) -> jax.Array:
-  """The intermediate activation h [B, T, F] (F = kept neurons when gathered)."""
-  up = jnp.einsum("btd,fd->btf", x_BTD, p.up_FD)
+def _neuron_rows(x_BTD: jax.Array, w_FD: jax.Array) -> jax.Array:
+  """x · wᵀ for neuron-major weights `[F, D]`, or per-sequence gathered `[B, k, D]`."""
+  if w_FD.ndim == 3:
+    return jnp.einsum("btd,bfd->btf", x_BTD, w_FD)
+  return jnp.einsum("btd,fd->btf", x_BTD, w_FD)
+
+
+def ffn_neuron_values(p: FFNParams, x_BTD: jax.Array) -> jax.Array:
+  """Each neuron's value `[B, T, F]`: h for SwiGLU; for ReLU FFNs the fc1 output
+  before the ReLU (what CoreInfer's official code ranks)."""
+  up = _neuron_rows(x_BTD, p.up_FD)
   if p.gate_FD is None:
-    return jax.nn.relu(up + p.up_bias_F)
-  return jax.nn.silu(jnp.einsum("btd,fd->btf", x_BTD, p.gate_FD)) * up
+    bias = p.up_bias_F[:, None, :] if p.up_bias_F.ndim == 2 else p.up_bias_F
+    return up + bias
+  return jax.nn.silu(_neuron_rows(x_BTD, p.gate_FD)) * up
+
+
+def ffn_activations(p: FFNParams, values_BTF: jax.Array) -> jax.Array:
+  """h `[B, T, F]` from `ffn_neuron_values` (F = kept neurons when gathered)."""
+  return values_BTF if p.gate_FD is not None else jax.nn.relu(values_BTF)
 
 
 def ffn_output(p: FFNParams, h_BTF: jax.Array) -> jax.Array:
-  out = jnp.einsum("btf,fd->btd", h_BTF, p.down_FD)
+  if p.down_FD.ndim == 3:
+    out = jnp.einsum("btf,bfd->btd", h_BTF, p.down_FD)
+  else:
+    out = jnp.einsum("btf,fd->btd", h_BTF, p.down_FD)
   return out if p.down_bias_D is None else out + p.down_bias_D

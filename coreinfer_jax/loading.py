@@ -219,6 +219,11 @@ def load_tokenizer(path: str, cache_dir: Optional[str] = None):
   return tokenizer
 
 
+def load_config(path: Optional[str] = None) -> ModelConfig:
+  """The model's config alone (tensors are not read): to check settings early."""
+  return config_from_hf(load_hf_config_and_tensors(path or default_model_path())[0])
+
+
 def load_model(path: Optional[str] = None, dtype: Any = np.float32, with_tokenizer: bool = True) -> LoadedModel:
   """Loads a checkpoint folder or GGUF file (default: the embedded SmolLM2)."""
   path = path or default_model_path()

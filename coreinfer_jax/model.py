@@ -8,7 +8,7 @@ cached step-by-step path cannot drift from the full forward pass.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +35,16 @@ def embed(params: ModelParams, config: ModelConfig, tokens_BT: jax.Array, positi
   return x
 
 
+# (layer index, FFN neuron values [B, T, F], real-token mask [B, T]) ->
+# that layer's core neurons int32 [B, k], or None for a dense layer.
+CoreSelector = Callable[[int, jax.Array, jax.Array], Optional[jax.Array]]
+
+
 def layer_forward(p: LayerParams, config: ModelConfig, x_BTD: jax.Array, positions_BT: jax.Array,
-                  k_cache: jax.Array, v_cache: jax.Array, write_slot: jax.Array, start_B: jax.Array):
-  """One decoder block. Returns (x, k_cache, v_cache)."""
+                  k_cache: jax.Array, v_cache: jax.Array, write_slot: jax.Array, start_B: jax.Array,
+                  select_core: Optional[Callable] = None):
+  """One decoder block. Returns (x, k_cache, v_cache, core neurons or None);
+  `select_core(values [B, T, F]) -> [B, k]` sees the FFN's neuron values."""
   eps = config.norm_eps
   attn_in = layers.norm(p.attn_norm, x_BTD, eps) if config.pre_norm else x_BTD
   attn_out, k_cache, v_cache = layers.attention(
@@ -46,10 +53,12 @@ def layer_forward(p: LayerParams, config: ModelConfig, x_BTD: jax.Array, positio
   if not config.pre_norm:
     x_BTD = layers.norm(p.attn_norm, x_BTD, eps)
   ffn_in = layers.norm(p.ffn_norm, x_BTD, eps) if config.pre_norm else x_BTD
-  x_BTD = x_BTD + layers.ffn_output(p.ffn, layers.ffn_activations(p.ffn, ffn_in))
+  values_BTF = layers.ffn_neuron_values(p.ffn, ffn_in)
+  core = select_core(values_BTF) if select_core else None
+  x_BTD = x_BTD + layers.ffn_output(p.ffn, layers.ffn_activations(p.ffn, values_BTF))
   if not config.pre_norm:
     x_BTD = layers.norm(p.ffn_norm, x_BTD, eps)
-  return x_BTD, k_cache, v_cache
+  return x_BTD, k_cache, v_cache, core
 
 
 def logits(params: ModelParams, config: ModelConfig, x_BTD: jax.Array) -> jax.Array:
@@ -61,22 +70,37 @@ def logits(params: ModelParams, config: ModelConfig, x_BTD: jax.Array) -> jax.Ar
                     preferred_element_type=jnp.float32)
 
 
-def forward(params: ModelParams, config: ModelConfig, cache: KVCache, tokens_BT: jax.Array,
-            last_only: bool = False) -> Tuple[jax.Array, KVCache]:
+def forward_with_core(params: ModelParams, config: ModelConfig, cache: KVCache, tokens_BT: jax.Array,
+                      select_core: Optional[CoreSelector], last_only: bool = False,
+                      ) -> Tuple[jax.Array, KVCache, Tuple[Optional[jax.Array], ...]]:
   """Runs a chunk of tokens [B, T] at slots [cache.length, cache.length + T).
 
   Returns (float32 logits [B, T, V], or [B, 1, V] with `last_only`; the cache
-  with the chunk written). Python-unrolled over layers (GUIDE §2).
+  with the chunk written; per layer, `select_core`'s core neurons or None).
+  The selector sees each layer's FFN values inside this one pass, so the
+  prefill chooses core neurons with no hooks and no second pass.
+  Python-unrolled over layers (GUIDE §2).
   """
   T = tokens_BT.shape[1]
   pos_BT = positions(cache, T)
+  real_BT = (cache.length + jnp.arange(T, dtype=jnp.int32))[None, :] >= cache.start_B[:, None]
   x = embed(params, config, tokens_BT, pos_BT)
-  new_k, new_v = [], []
-  for p, k_cache, v_cache in zip(params.layers, cache.k, cache.v):
-    x, k_cache, v_cache = layer_forward(p, config, x, pos_BT, k_cache, v_cache, cache.length, cache.start_B)
+  new_k, new_v, core = [], [], []
+  for i, (p, k_cache, v_cache) in enumerate(zip(params.layers, cache.k, cache.v)):
+    select = (lambda values, i=i: select_core(i, values, real_BT)) if select_core else None
+    x, k_cache, v_cache, layer_core = layer_forward(
+        p, config, x, pos_BT, k_cache, v_cache, cache.length, cache.start_B, select)
     new_k.append(k_cache)
     new_v.append(v_cache)
+    core.append(layer_core)
   if last_only:
     x = x[:, -1:]
   cache = cache.replace(k=tuple(new_k), v=tuple(new_v), length=cache.length + T)
-  return logits(params, config, x), cache
+  return logits(params, config, x), cache, tuple(core)
+
+
+def forward(params: ModelParams, config: ModelConfig, cache: KVCache, tokens_BT: jax.Array,
+            last_only: bool = False) -> Tuple[jax.Array, KVCache]:
+  """`forward_with_core` without selection: (logits, cache)."""
+  logits_BTV, cache, _ = forward_with_core(params, config, cache, tokens_BT, None, last_only)
+  return logits_BTV, cache

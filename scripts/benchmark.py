@@ -2,9 +2,16 @@
 
   python scripts/benchmark.py --config=bench-smollm2 --compare_hf
   python scripts/benchmark.py --shape=tinyllama-1.1b --compare_hf --json_out=out.json
+  python scripts/benchmark.py --config=bench-tinyllama --methods=dense,stability --betas=0.4,0.2 \
+      --sparse_layers=all --compare_hf
 
-Measurements alternate (ours, transformers, ours, ...) for --rounds rounds and
-report medians, so that machine noise hits both sides alike.
+Measurements alternate (each method and β, then transformers) for --rounds
+rounds and report medians, so that machine noise hits every side alike.
+Sparse runs report `speedup_vs_dense`, `bound_speedup` (weight bytes read per
+decode token, dense over sparse) and `fraction_of_bound`; their prefill time
+includes core selection and the gather, and `select_gather_seconds` is that
+extra (the selecting prefill minus a dense prefill of the same prompt, plus
+the gather), measured in the same round.
 """
 
 import os
@@ -16,11 +23,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from coreinfer_jax import benchmarking, cli  # noqa: E402
+from coreinfer_jax import benchmarking, cli, gather  # noqa: E402
 from coreinfer_jax.generation import Generator  # noqa: E402
 from coreinfer_jax.params import decode_weight_bytes  # noqa: E402
 
 cli.define_model_flags()
+cli.define_core_flags()
+flags.DEFINE_list("methods", None, "methods to measure interleaved (default: --method)")
+flags.DEFINE_list("betas", None, "uniform β values to measure for each sparse method (default: --beta)")
 flags.DEFINE_string("shape", None, "a model shape in configs/shapes (random weights, real shape)")
 flags.DEFINE_integer("num_layers", None, "with --shape: override the depth (to fit memory)")
 flags.DEFINE_integer("prompt_len", 128, "prompt tokens (random ids)")
@@ -31,24 +41,41 @@ flags.DEFINE_string("json_out", None, "write results as JSON here")
 FLAGS = flags.FLAGS
 
 
+def _variants(s, config):
+  """(method, β flag value, CoreSpec or None) for every run, checked before loading."""
+  methods = FLAGS.methods or [s["method"]]
+  betas = FLAGS.betas or [s["beta"]]
+  return [(method, beta, cli.core_spec_for(method, s, config, beta))
+          for method in methods for beta in (betas if method != "dense" else [None])]
+
+
+def _median(rows, key):
+  values = [r[key] for r in rows if r[key] is not None]
+  return statistics.median(values) if values else None
+
+
 def main(argv):
   del argv
-  s = cli.settings(FLAGS, ["shape", "dtype", "cache_len", "prompt_len", "decode_steps", "rounds"])
+  s = cli.settings(FLAGS, ["shape", "dtype", "cache_len", "prompt_len", "decode_steps", "rounds"]
+                   + cli.CORE_FLAGS)
   if s["decode_steps"] < 1 or s["rounds"] < 1 or s["prompt_len"] < 1:
     raise ValueError("--decode_steps, --rounds and --prompt_len must be at least 1")
+  variants = _variants(s, cli.model_config(FLAGS.model, s["shape"], FLAGS.configs_dir, FLAGS.num_layers))
   dtype = cli.resolve_dtype(s["dtype"])
   dtype_name = np.dtype(dtype).name
   m, load_seconds = cli.load(FLAGS.model, dtype, s["shape"], FLAGS.configs_dir, FLAGS.num_layers)
   if s["shape"]:
     print(f"[random weights in the shape of {s['shape']}"
           f"{f', {FLAGS.num_layers} layers' if FLAGS.num_layers else ''}]")
-  weight_bytes = decode_weight_bytes(m.params)
-  print(f"[loaded {m.path} in {load_seconds:.1f}s; {weight_bytes / 1e9:.3f} GB of weights read per decode token]")
+  dense_bytes = decode_weight_bytes(m.params)
+  print(f"[loaded {m.path} in {load_seconds:.1f}s; {dense_bytes / 1e9:.3f} GB of weights read per "
+        f"dense decode token]")
 
-  probe = benchmarking.probe_gb_per_s(min(weight_bytes, 1 << 30), dtype)
+  probe = benchmarking.probe_gb_per_s(min(dense_bytes, 1 << 30), dtype)
   print(f"probe: {probe:.1f} GB/s weight streaming")
 
-  gen = Generator(m.config, m.params, m.tokenizer, cache_len=s["cache_len"])
+  gens = [Generator(m.config, m.params, cache_len=s["cache_len"], core=core, time_selection=True)
+          for _, _, core in variants]
   prompt = np.random.default_rng(0).integers(3, m.config.vocab_size, s["prompt_len"]).tolist()
   hf = None
   if FLAGS.compare_hf:
@@ -57,33 +84,55 @@ def main(argv):
     hf_config = cli.shape_hf_config(FLAGS.configs_dir, s["shape"], FLAGS.num_layers) if s["shape"] else {}
     hf = benchmarking.hf_model(m.path, hf_config, dtype_name)
 
-  ours, theirs, prefills = [], [], []
+  rows = [[] for _ in variants]   # per variant, one dict per round
+  hf_rounds = []
   for r in range(s["rounds"]):
-    prefill, tps = benchmarking.time_prefill_and_decode(gen, m.params, [prompt], s["decode_steps"])
-    ours.append(tps)
-    prefills.append(prefill)
-    line = f"round {r}: ours {tps:.2f} tokens/s"
+    line = []
+    for (method, beta, core), gen, out in zip(variants, gens, rows):
+      stats, tps = benchmarking.time_prefill_and_decode(gen, [prompt], s["decode_steps"])
+      out.append({"tps": tps, "prefill": stats.prefill_seconds, "gather": stats.gather_seconds,
+                  "select": stats.select_seconds, "ffn_fraction": stats.ffn_bytes_fraction})
+      line.append(f"{method}{'' if core is None else f' β={beta}'} {tps:.2f}")
     if hf is not None:
-      theirs.append(benchmarking.hf_decode_tokens_per_second(hf, prompt, s["decode_steps"]))
-      line += f", transformers {theirs[-1]:.2f} tokens/s"
-    print(line)
+      hf_rounds.append(benchmarking.hf_decode_tokens_per_second(hf, prompt, s["decode_steps"]))
+      line.append(f"transformers {hf_rounds[-1]:.2f}")
+    print(f"round {r} tokens/s: " + ", ".join(line))
 
-  tps = statistics.median(ours)
-  hf_tps = statistics.median(theirs) if theirs else None
-  run = {
-      "method": "dense",
-      "decode_tokens_per_second": tps,
-      "weight_bytes_per_token": weight_bytes,
-      "achieved_gb_per_s": tps * weight_bytes / 1e9,
-      "fraction_of_probe": tps * weight_bytes / 1e9 / probe,
-      "prefill_seconds": statistics.median(prefills),
-      "compile_seconds": sum(gen.compiled.compile_seconds.values()) + gen.compiled.warm_up_seconds,
-      "speedup_vs_hf": tps / hf_tps if hf_tps else None,
-  }
-  print(f"dense: {tps:.2f} tokens/s, {run['achieved_gb_per_s']:.1f} GB/s "
-        f"({run['fraction_of_probe']:.0%} of probe), prefill {run['prefill_seconds'] * 1e3:.0f} ms "
-        f"({s['prompt_len']} tokens), compile {run['compile_seconds']:.1f} s, load {load_seconds:.1f} s"
-        + (f", {run['speedup_vs_hf']:.2f}x transformers ({hf_tps:.2f} tokens/s)" if hf_tps else ""))
+  hf_tps = statistics.median(hf_rounds) if hf_rounds else None
+  dense_tps = next((_median(out, "tps") for (_, _, core), out in zip(variants, rows) if core is None), None)
+  runs = []
+  for (method, beta, core), gen, out in zip(variants, gens, rows):
+    tps = _median(out, "tps")
+    ffn_fraction = out[0]["ffn_fraction"]
+    ffn_dense = gather.ffn_bytes_per_sequence(m.params)
+    weight_bytes = dense_bytes - (1 - ffn_fraction) * ffn_dense
+    select_gather = (None if core is None else
+                     statistics.median([o["select"] + o["gather"] for o in out]))
+    dense_prefill = statistics.median([o["prefill"] - o["gather"] - (o["select"] or 0) for o in out])
+    run = {
+        "method": method,
+        "beta": None if core is None else cli.parse_beta(beta),
+        "scoring": None if core is None else core.scoring,
+        "core": None if core is None else core.summary(),
+        "decode_tokens_per_second": tps,
+        "weight_bytes_per_token": weight_bytes,
+        "ffn_bytes_fraction": ffn_fraction,
+        "achieved_gb_per_s": tps * weight_bytes / 1e9,
+        "fraction_of_probe": tps * weight_bytes / 1e9 / probe,
+        "prefill_seconds": _median(out, "prefill"),
+        "dense_prefill_seconds": dense_prefill,
+        "gather_seconds": None if core is None else _median(out, "gather"),
+        "select_gather_seconds": select_gather,
+        "select_gather_fraction_of_prefill": None if core is None else select_gather / dense_prefill,
+        "compile_seconds": sum(gen.compiled.compile_seconds.values()) + gen.compiled.warm_up_seconds,
+        "speedup_vs_hf": tps / hf_tps if hf_tps else None,
+        "speedup_vs_dense": tps / dense_tps if dense_tps else None,
+        "bound_speedup": dense_bytes / weight_bytes,
+    }
+    run["fraction_of_bound"] = (run["speedup_vs_dense"] / run["bound_speedup"]
+                                if run["speedup_vs_dense"] else None)
+    runs.append(run)
+    _report(run, s["prompt_len"], hf_tps)
   cli.write_json(FLAGS.json_out, {
       "model": m.path,
       "random_weights": bool(s["shape"]),
@@ -91,11 +140,28 @@ def main(argv):
       "cache_len": s["cache_len"],
       "prompt_len": s["prompt_len"],
       "decode_steps": s["decode_steps"],
+      "rounds": s["rounds"],
       "load_seconds": load_seconds,
       "probe_gb_per_s": probe,
       "hf_decode_tokens_per_second": hf_tps,
-      "runs": [run],
+      "runs": runs,
   })
+
+
+def _report(run, prompt_len, hf_tps):
+  name = run["method"] + ("" if run["beta"] is None else f" β={run['beta']} ({run['scoring']})")
+  line = (f"{name}: {run['decode_tokens_per_second']:.2f} tokens/s, {run['achieved_gb_per_s']:.1f} GB/s "
+          f"({run['fraction_of_probe']:.0%} of probe), prefill {run['prefill_seconds'] * 1e3:.0f} ms "
+          f"({prompt_len} tokens), compile {run['compile_seconds']:.1f} s")
+  if run["select_gather_seconds"] is not None:
+    line += (f", select + gather {run['select_gather_seconds'] * 1e3:.0f} ms "
+             f"({run['select_gather_fraction_of_prefill']:.0%} of the dense prefill)")
+  if run["speedup_vs_dense"] and run["beta"] is not None:
+    line += (f", {run['speedup_vs_dense']:.2f}x dense (bound {run['bound_speedup']:.2f}x, "
+             f"{run['fraction_of_bound']:.0%} of it)")
+  if hf_tps:
+    line += f", {run['speedup_vs_hf']:.2f}x transformers ({hf_tps:.2f} tokens/s)"
+  print(line)
 
 
 if __name__ == "__main__":

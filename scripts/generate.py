@@ -2,6 +2,7 @@
 
   python scripts/generate.py --prompt="The capital of France is"
   python scripts/generate.py --prompts_file=prompts.txt --json_out=out.json
+  python scripts/generate.py --prompt="..." --method=stability --beta=0.4 --scoring=magnitude
 """
 
 import os
@@ -16,6 +17,7 @@ from coreinfer_jax.generation import Generator  # noqa: E402
 from coreinfer_jax.sampling import SamplingConfig  # noqa: E402
 
 cli.define_model_flags()
+cli.define_core_flags()
 flags.DEFINE_string("prompt", None, "the prompt")
 flags.DEFINE_string("prompts_file", None, "a file of prompts, one per line, run one after another")
 flags.DEFINE_integer("max_new_tokens", 64, "most tokens to generate per prompt")
@@ -45,15 +47,18 @@ def _prompts():
 def main(argv):
   del argv
   s = cli.settings(FLAGS, ["dtype", "cache_len", "max_new_tokens", "temperature", "top_k",
-                           "top_p", "seed", "chat"])
+                           "top_p", "seed", "chat"] + cli.CORE_FLAGS)
   if s["max_new_tokens"] < 1:
     raise ValueError(f"--max_new_tokens must be at least 1, got {s['max_new_tokens']}")
   sampling = SamplingConfig(s["temperature"], s["top_k"], s["top_p"])
   prompts = _prompts()
+  core = cli.core_spec_for(s["method"], s, cli.model_config(FLAGS.model))
   m, load_seconds = cli.load(FLAGS.model, cli.resolve_dtype(s["dtype"]))
   print(f"[loaded {m.path} in {load_seconds:.1f}s]", file=sys.stderr)
+  if core:
+    print(f"[{s['method']}: {core.summary()}]", file=sys.stderr)
   gen = Generator(m.config, m.params, m.tokenizer, cache_len=s["cache_len"], sampling=sampling,
-                  seed=s["seed"])
+                  seed=s["seed"], core=core, time_selection=True)
   records = []
   for prompt in prompts:
     ids = gen.encode(prompt, chat=s["chat"])
@@ -63,7 +68,9 @@ def main(argv):
     (result,), stats = gen.generate_ids([ids], s["max_new_tokens"], stop_strings=FLAGS.stop,
                                         on_text=on_text)
     print("" if FLAGS.stream else result.text)
-    print(f"[prompt {result.prompt_tokens} tokens, prefill {stats.prefill_seconds * 1e3:.1f} ms, "
+    select_gather = None if core is None else stats.select_seconds + stats.gather_seconds
+    print(f"[prompt {result.prompt_tokens} tokens, prefill {stats.prefill_seconds * 1e3:.1f} ms"
+          + ("" if core is None else f" (select + gather {select_gather * 1e3:.1f} ms)") + ", "
           f"{len(result.token_ids)} new tokens, decode {stats.decode_tokens_per_second:.1f} tokens/s, "
           f"stop: {result.finish_reason}]", file=sys.stderr)
     records.append({
@@ -72,6 +79,8 @@ def main(argv):
         "prompt_tokens": result.prompt_tokens,
         "finish_reason": result.finish_reason,
         "prefill_seconds": stats.prefill_seconds,
+        "select_gather_seconds": select_gather,
+        "ffn_bytes_fraction": stats.ffn_bytes_fraction,
         "decode_tokens_per_second": stats.decode_tokens_per_second,
         "decode_compiles": gen.compiled.compiles["decode"],
     })
@@ -80,7 +89,8 @@ def main(argv):
         f"{ {k: round(v, 2) for k, v in compile_seconds.items()} }, load {load_seconds:.1f}s]",
         file=sys.stderr)
   payload = records[0] if len(records) == 1 else {"results": records}
-  payload.update(model=m.path, load_seconds=load_seconds, compile_seconds=compile_seconds,
+  payload.update(model=m.path, method=s["method"], core=core.summary() if core else None,
+                 load_seconds=load_seconds, compile_seconds=compile_seconds,
                  decode_compiles=gen.compiled.compiles["decode"])
   cli.write_json(FLAGS.json_out, payload)
 
