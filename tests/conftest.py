@@ -1,5 +1,9 @@
 """Shared fixtures: tiny random Hugging Face models saved as checkpoint folders."""
 
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -59,6 +63,25 @@ def tiny_llama(tmp_path_factory):
   folder = str(tmp_path_factory.mktemp("llama_tied_single"))
   model.save_pretrained(folder)
   return folder
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def tiny_llama_with_tokenizer(tiny_llama, tmp_path):
+  """The tiny Llama folder plus the word-level tokenizer of tests/fixtures."""
+  folder = tmp_path / "with_tokenizer"
+  shutil.copytree(tiny_llama, folder)
+  src = os.path.join(REPO, "tests", "fixtures", "tokenizer")
+  for f in os.listdir(src):
+    shutil.copy(os.path.join(src, f), folder)
+  return folder
+
+
+def run_generate(*args):
+  return subprocess.run([sys.executable, os.path.join(REPO, "scripts", "generate.py"), *args],
+                        capture_output=True, text=True, timeout=300)
 
 
 def random_prompts(lengths, seed=0):

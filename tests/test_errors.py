@@ -3,8 +3,6 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,8 +10,8 @@ import pytest
 from coreinfer_jax import loading
 from coreinfer_jax.config import UnsupportedConfigError, config_from_hf
 from coreinfer_jax.convert import CheckpointError
+from tests.conftest import run_generate
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA = {"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
          "num_hidden_layers": 2, "num_attention_heads": 4}
 
@@ -79,11 +77,6 @@ def test_missing_model_path():
     loading.load_model("/no/such/model", with_tokenizer=False)
 
 
-def _generate(*args):
-  return subprocess.run([sys.executable, os.path.join(REPO, "scripts", "generate.py"), *args],
-                        capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize("args, message", [
     (["--model=/no/such/model", "--prompt=hi"], "model path '/no/such/model' does not exist"),
     (["--prompt=hi", "--max_new_tokens=0"], "--max_new_tokens must be at least 1, got 0"),
@@ -91,19 +84,15 @@ def _generate(*args):
     (["--max_new_tokens=4"], "give exactly one of --prompt or --prompts_file"),
 ])
 def test_generate_script_rejects_bad_input(args, message):
-  proc = _generate(*args)
+  proc = run_generate(*args)
   assert proc.returncode != 0
   assert message in proc.stderr
 
 
-def test_generate_script_rejects_prompt_longer_than_cache(tiny_llama, tmp_path):
-  tokenizer_src = os.path.join(REPO, "tests", "fixtures", "tokenizer")
-  folder = tmp_path / "with_tokenizer"
-  shutil.copytree(tiny_llama, folder)
-  for f in os.listdir(tokenizer_src):
-    shutil.copy(os.path.join(tokenizer_src, f), folder)
-  proc = _generate(f"--model={folder}", "--prompt=" + "a b c d " * 40, "--cache_len=32",
-                   "--max_new_tokens=4")
+def test_generate_script_rejects_prompt_longer_than_cache(tiny_llama_with_tokenizer):
+  folder = tiny_llama_with_tokenizer
+  proc = run_generate(f"--model={folder}", "--prompt=" + "a b c d " * 40, "--cache_len=32",
+                      "--max_new_tokens=4")
   assert proc.returncode == 2, proc.stderr
   assert "does not fit the cache length 32" in proc.stderr
 
@@ -114,6 +103,6 @@ def test_unsupported_config_in_folder_exits_nonzero(tiny_llama, tmp_path):
   cfg = json.loads((folder / "config.json").read_text())
   cfg["hidden_act"] = "gelu"
   (folder / "config.json").write_text(json.dumps(cfg))
-  proc = _generate(f"--model={folder}", "--prompt=hi")
+  proc = run_generate(f"--model={folder}", "--prompt=hi")
   assert proc.returncode == 2
   assert "'hidden_act'" in proc.stderr

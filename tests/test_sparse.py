@@ -1,10 +1,6 @@
 """Sparse decoding: equivalence to the dense path, compile-once, batches, errors."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 
 import chex
 import jax
@@ -16,10 +12,8 @@ from coreinfer_jax import gather, layers, loading, model
 from coreinfer_jax.cache import init_cache
 from coreinfer_jax.core import core_spec, parse_layers
 from coreinfer_jax.generation import Generator, left_pad
-from tests.conftest import make_tiny_hf_model, random_prompts
+from tests.conftest import make_tiny_hf_model, random_prompts, run_generate
 from tests.test_selection import reference_signed
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load(folder):
@@ -173,26 +167,11 @@ def test_paper_layer_range_scales_with_depth():
   assert parse_layers("all", 3) == (0, 1, 2)
 
 
-def _with_tokenizer(tiny_llama, tmp_path):
-  folder = tmp_path / "with_tokenizer"
-  shutil.copytree(tiny_llama, folder)
-  src = os.path.join(REPO, "tests", "fixtures", "tokenizer")
-  for f in os.listdir(src):
-    shutil.copy(os.path.join(src, f), folder)
-  return folder
-
-
-def _generate(*args):
-  return subprocess.run([sys.executable, os.path.join(REPO, "scripts", "generate.py"), *args],
-                        capture_output=True, text=True, timeout=300)
-
-
-def test_generate_script_reports_the_core(tiny_llama, tmp_path):
-  folder = _with_tokenizer(tiny_llama, tmp_path)
+def test_generate_script_reports_the_core(tiny_llama_with_tokenizer, tmp_path):
   out = tmp_path / "out.json"
-  proc = _generate(f"--model={folder}", "--prompt=a b c d e f", "--max_new_tokens=5",
-                   "--method=stability", "--beta=0.25", "--scoring=magnitude", "--sparse_layers=all",
-                   "--cache_len=64", f"--json_out={out}", "--nostream")
+  proc = run_generate(f"--model={tiny_llama_with_tokenizer}", "--prompt=a b c d e f",
+                      "--max_new_tokens=5", "--method=stability", "--beta=0.25",
+                      "--scoring=magnitude", "--sparse_layers=all", "--cache_len=64", f"--json_out={out}", "--nostream")
   assert proc.returncode == 0, proc.stderr
   payload = json.loads(out.read_text())
   assert payload["core"] == {"k": 24, "layers": [0, 1, 2], "scoring": "magnitude", "alpha": 0.2,
@@ -210,9 +189,10 @@ def test_generate_script_reports_the_core(tiny_llama, tmp_path):
     (["--method=stability", "--scoring=best"], "unknown scoring 'best'"),
     (["--method=sparse"], "unknown method 'sparse'"),
 ])
-def test_generate_script_refuses_bad_core_settings_before_loading(tiny_llama, tmp_path, args, message):
-  folder = _with_tokenizer(tiny_llama, tmp_path)
-  proc = _generate(f"--model={folder}", "--prompt=a b", "--sparse_layers=all", *args)
+def test_generate_script_refuses_bad_core_settings_before_loading(tiny_llama_with_tokenizer, args,
+                                                                   message):
+  proc = run_generate(f"--model={tiny_llama_with_tokenizer}", "--prompt=a b", "--sparse_layers=all",
+                      *args)
   assert proc.returncode == 2
   assert message in proc.stderr
   assert "[loaded" not in proc.stderr
