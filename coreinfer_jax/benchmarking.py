@@ -50,6 +50,7 @@ def time_prefill_and_decode(gen: Generator, prompt_ids: Sequence[Sequence[int]],
   for _ in range(decode_steps):
     tokens, cache = gen.decode(state.decode_params, cache, tokens)
   tokens.block_until_ready()
+  gen.recycle(state)
   return stats, decode_steps / (time.perf_counter() - t0)
 
 

@@ -32,6 +32,15 @@ def gather_core(params: ModelParams, core: CoreIndices) -> Tuple[Optional[FFNPar
                for layer, c in zip(params.layers, core))
 
 
+def gather_core_into(params: ModelParams, core: CoreIndices,
+                     out: Tuple[Optional[FFNParams], ...]) -> Tuple[Optional[FFNParams], ...]:
+  """`gather_core` writing into `out` when it is donated (`donate_argnums=2`):
+  reusing a finished sentence's buffers skips allocating and first-touching
+  the ~β of the FFN weights that every gather writes."""
+  del out   # only its buffers are used, through donation
+  return gather_core(params, core)
+
+
 def with_compact_ffn(params: ModelParams, compact: Sequence[Optional[FFNParams]]) -> ModelParams:
   """The decode parameters: `params` with the gathered FFNs swapped in (no copy)."""
   layers = tuple(layer if ffn is None else layer.replace(ffn=ffn)

@@ -39,6 +39,10 @@ def _shape_key(args) -> Tuple:
   return treedef, tuple((a.shape, a.dtype) for a in leaves)
 
 
+def _same_shapes(a, b) -> bool:
+  return _shape_key(a) == _shape_key(b)
+
+
 class CompiledFunctions:
   """Ahead-of-time compilation, once per (function name, argument shapes)."""
 
@@ -57,7 +61,9 @@ class CompiledFunctions:
     executable = self._executables.get(key)
     if executable is None:
       t0 = time.perf_counter()
-      executable = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
+      # keep_unused: a donated argument that is only an output buffer must not be pruned.
+      executable = jax.jit(fn, donate_argnums=donate_argnums, keep_unused=bool(donate_argnums)
+                           ).lower(*args).compile()
       self.compile_seconds[name] += time.perf_counter() - t0
       self.compiles[name] += 1
       self._executables[key] = executable
@@ -227,6 +233,7 @@ class Generator:
     self.time_selection = time_selection and core is not None
     self.key = jax.random.key(seed)
     self.compiled = CompiledFunctions()
+    self._recycled = None
     self._prefill = prefill_fn(config, cache_len, sampling, core)
     self._dense_prefill = prefill_fn(config, cache_len, sampling)
     self._decode = decode_fn(config, sampling)
@@ -259,12 +266,26 @@ class Generator:
       return self.prefill_padded(params, tokens_BT, start_B)
     return self.compiled("dense_prefill", self._dense_prefill, params, tokens_BT, start_B, self.key)
 
-  def decode_params(self, params: ModelParams, core: gather.CoreIndices) -> ModelParams:
-    """`params` with each sparsified layer's FFN gathered down to its core rows."""
+  def decode_params(self, params: ModelParams, core: gather.CoreIndices,
+                    recycled: Optional[Tuple] = None) -> ModelParams:
+    """`params` with each sparsified layer's FFN gathered down to its core rows,
+    written into `recycled` (a finished sentence's compact FFNs, see `recycle`)
+    or into new buffers."""
     if self.core is None:
       return params
-    compact = self.compiled("gather", gather.gather_core, params, core)
+    shapes = jax.eval_shape(gather.gather_core, params, core)
+    if recycled is None or not _same_shapes(recycled, shapes):
+      recycled = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    compact = self.compiled("gather", gather.gather_core_into, params, core, recycled,
+                            donate_argnums=(2,))
     return gather.with_compact_ffn(params, compact)
+
+  def recycle(self, state: Prefilled) -> None:
+    """Hands back a sentence's gathered FFNs once its decoding is over: the
+    next `timed_prefill` gathers into them. `state` must not be used again."""
+    if self.core is not None:
+      self._recycled = tuple(layer.ffn if k is not None else None
+                             for layer, k in zip(state.decode_params.layers, self.core.layer_k))
 
   def prefill(self, params: ModelParams, prompt_ids: Sequence[Sequence[int]],
               max_new_tokens: int) -> Prefilled:
@@ -301,7 +322,8 @@ class Generator:
     tokens, cache, core = jax.block_until_ready(self.prefill_padded(self.params, tokens_BT, start_B))
     selecting_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    decode_params = jax.block_until_ready(self.decode_params(self.params, core))
+    recycled, self._recycled = self._recycled, None
+    decode_params = jax.block_until_ready(self.decode_params(self.params, core, recycled))
     stats.gather_seconds = time.perf_counter() - t0
     stats.prefill_seconds = selecting_seconds + stats.gather_seconds
     stats.ffn_bytes_fraction = gather.ffn_bytes_fraction(self.params, decode_params)
@@ -334,6 +356,7 @@ class Generator:
       tracker.add(np.asarray(tokens))
     jax.block_until_ready(cache)
     stats.decode_seconds = time.perf_counter() - t0
+    self.recycle(state)
     return tracker.results([len(p) for p in prompt_ids]), stats
 
   def generate(self, prompts: Sequence[str], max_new_tokens: int, chat: bool = False, **kwargs):
