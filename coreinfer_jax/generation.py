@@ -6,6 +6,11 @@ step (which attends over the whole fixed-length cache) compiles once per
 (batch, cache length) and parameter shapes. Functions are compiled ahead of
 time through `CompiledFunctions`, which counts compilations and their time so
 that compile time is never hidden in a throughput figure.
+
+Sparse decoding (a `CoreSpec`): the prefill also returns each sparsified
+layer's core neurons, a compiled gather (once per shape) copies their rows, and
+the same decode step runs on the compact FFNs, compiled once per (batch, k,
+cache length) whatever the prompt or its core set.
 """
 
 from __future__ import annotations
