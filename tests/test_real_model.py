@@ -64,18 +64,24 @@ def test_gguf_tokenizer_matches_reference_tokenizer(ours):
     assert ours.tokenizer(text)["input_ids"] == reference(text)["input_ids"]
 
 
-def test_generate_script_end_to_end(tmp_path):
+@pytest.mark.parametrize("method_args", [[], ["--method=stability", "--beta=0.4", "--scoring=magnitude"]])
+def test_generate_script_end_to_end(tmp_path, method_args):
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("\n".join(PROMPTS) + "\n")
   out = tmp_path / "out.json"
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "scripts", "generate.py"), f"--prompts_file={prompts}",
-       "--max_new_tokens=8", f"--json_out={out}", "--cache_len=128", "--nostream"],
+       "--max_new_tokens=8", f"--json_out={out}", "--cache_len=128", "--nostream", *method_args],
       capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr
   payload = json.loads(out.read_text())
   assert payload["decode_compiles"] == 1   # three prompts, one bucket, one decode compile
   for record in payload["results"]:
     assert {"text", "token_ids", "prompt_tokens", "prefill_seconds", "decode_tokens_per_second",
-            "decode_compiles"} <= set(record)
+            "decode_compiles", "select_gather_seconds", "ffn_bytes_fraction"} <= set(record)
     assert 0 < len(record["token_ids"]) <= 8 and record["text"]
+  if method_args:   # SmolLM2: 30 layers, the paper range is 5..24, F = 1536
+    assert payload["core"] == {"k": 614, "layers": list(range(5, 25)), "scoring": "magnitude",
+                               "alpha": 0.2, "beta": 0.4}
+    assert all(r["ffn_bytes_fraction"] == pytest.approx(1 - 20 / 30 * (1 - 614 / 1536))
+               for r in payload["results"])
