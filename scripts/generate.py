@@ -29,6 +29,8 @@ flags.DEFINE_multi_string("stop", [], "stop string (repeatable)")
 flags.DEFINE_boolean("chat", False, "wrap the prompt in the tokenizer's chat template")
 flags.DEFINE_boolean("stream", True, "print text as it is generated")
 flags.DEFINE_string("json_out", None, "write results as JSON here")
+flags.DEFINE_boolean("time_selection", True, "sparse methods: also run a dense prefill of each "
+                     "prompt, to report the selection's cost (select_gather_seconds)")
 FLAGS = flags.FLAGS
 
 
@@ -58,7 +60,7 @@ def main(argv):
   if core:
     print(f"[{s['method']}: {core.summary()}]", file=sys.stderr)
   gen = Generator(m.config, m.params, m.tokenizer, cache_len=s["cache_len"], sampling=sampling,
-                  seed=s["seed"], core=core, time_selection=True)
+                  seed=s["seed"], core=core, time_selection=FLAGS.time_selection)
   records = []
   for prompt in prompts:
     ids = gen.encode(prompt, chat=s["chat"])
@@ -68,9 +70,11 @@ def main(argv):
     (result,), stats = gen.generate_ids([ids], s["max_new_tokens"], stop_strings=FLAGS.stop,
                                         on_text=on_text)
     print("" if FLAGS.stream else result.text)
-    select_gather = None if core is None else stats.select_seconds + stats.gather_seconds
+    select_gather = (None if stats.select_seconds is None
+                     else stats.select_seconds + stats.gather_seconds)
     print(f"[prompt {result.prompt_tokens} tokens, prefill {stats.prefill_seconds * 1e3:.1f} ms"
-          + ("" if core is None else f" (select + gather {select_gather * 1e3:.1f} ms)") + ", "
+          + ("" if select_gather is None else f" (select + gather {select_gather * 1e3:.1f} ms)")
+          + ("" if core is None else f" (gather {stats.gather_seconds * 1e3:.1f} ms)") + ", "
           f"{len(result.token_ids)} new tokens, decode {stats.decode_tokens_per_second:.1f} tokens/s, "
           f"stop: {result.finish_reason}]", file=sys.stderr)
     records.append({
@@ -80,6 +84,7 @@ def main(argv):
         "finish_reason": result.finish_reason,
         "prefill_seconds": stats.prefill_seconds,
         "select_gather_seconds": select_gather,
+        "gather_seconds": stats.gather_seconds if core else None,
         "ffn_bytes_fraction": stats.ffn_bytes_fraction,
         "decode_tokens_per_second": stats.decode_tokens_per_second,
         "decode_compiles": gen.compiled.compiles["decode"],
