@@ -118,6 +118,7 @@ class GenerationStats:
   # is measured as this prefill minus a dense prefill of the same input.
   select_seconds: Optional[float] = None
   ffn_bytes_fraction: float = 1.0   # FFN weight bytes per decode token, sparse over dense
+  decode_weight_bytes: float = 0.0  # all weight bytes one sequence's decode token reads
   decode_seconds: float = 0.0
   decode_steps: int = 0     # decode-step calls (each yields one token per sequence)
 
@@ -267,8 +268,6 @@ class Generator:
 
   def dense_prefill_padded(self, params: ModelParams, tokens_BT: jax.Array, start_B: jax.Array):
     """The same prefill without selection (to measure what selection costs)."""
-    if self.core is None:
-      return self.prefill_padded(params, tokens_BT, start_B)
     return self.compiled("dense_prefill", self._dense_prefill, params, tokens_BT, start_B, self.key)
 
   def decode_params(self, params: ModelParams, core: gather.CoreIndices,
@@ -313,7 +312,9 @@ class Generator:
     t0 = time.perf_counter()
     compile_before = sum(self.compiled.compile_seconds.values())
     first, cache, core = self.prefill_padded(params, tokens, start)
-    jax.block_until_ready(self.decode(self.decode_params(params, core), cache, first))
+    state = Prefilled(first, cache, self.decode_params(params, core), core)
+    jax.block_until_ready(self.decode(state.decode_params, state.cache, state.tokens_B))
+    self.recycle(state)   # the first real prompt gathers into these buffers
     if self.time_selection:
       jax.block_until_ready(self.dense_prefill_padded(params, tokens, start))
     compiled = sum(self.compiled.compile_seconds.values()) - compile_before
@@ -332,6 +333,7 @@ class Generator:
     stats.gather_seconds = time.perf_counter() - t0
     stats.prefill_seconds = selecting_seconds + stats.gather_seconds
     stats.ffn_bytes_fraction = gather.ffn_bytes_fraction(self.params, decode_params)
+    stats.decode_weight_bytes = gather.decode_weight_bytes_per_sequence(self.params, decode_params)
     if self.time_selection:
       t0 = time.perf_counter()
       jax.block_until_ready(self.dense_prefill_padded(self.params, tokens_BT, start_B))

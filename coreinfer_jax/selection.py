@@ -94,11 +94,11 @@ def _first_k(k: int, *keys_BF: jax.Array) -> jax.Array:
   return ordered[-1][:, :k]
 
 
-def _token_blocks(x_BT: jax.Array, fill) -> jax.Array:
-  """[B, T, ...] -> [T/C, B, ..., C], padding T up to a multiple of C."""
+def _token_blocks(x_BT: jax.Array) -> jax.Array:
+  """[B, T, ...] -> [T/C, B, ..., C], zero-padding T up to a multiple of C."""
   B, T = x_BT.shape[:2]
   pad = -T % TOKEN_BLOCK
-  x = jnp.pad(x_BT, [(0, 0), (0, pad)] + [(0, 0)] * (x_BT.ndim - 2), constant_values=fill)
+  x = jnp.pad(x_BT, [(0, 0), (0, pad)] + [(0, 0)] * (x_BT.ndim - 2), constant_values=0)
   x = x.reshape((B, (T + pad) // TOKEN_BLOCK, TOKEN_BLOCK) + x_BT.shape[2:])
   return jnp.moveaxis(jnp.moveaxis(x, 2, -1), 1, 0)
 
@@ -117,7 +117,7 @@ def token_core_counts(scores_BTF: jax.Array, real_BT: jax.Array, alpha: float) -
     scores_BFC, m_BC = block
     return counts_BF + jnp.sum(_top_m_block(scores_BFC, m_BC), axis=-1, dtype=jnp.int32), None
 
-  blocks = (_token_blocks(scores_BTF, 0), _token_blocks(m_BT, 0))
+  blocks = (_token_blocks(scores_BTF), _token_blocks(m_BT))   # pad columns have m = 0
   counts_BF = jnp.zeros((scores_BTF.shape[0], scores_BTF.shape[2]), jnp.int32)
   return lax.scan(add_block, counts_BF, blocks)[0]
 

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from coreinfer_jax import benchmarking, cli, gather  # noqa: E402
+from coreinfer_jax import benchmarking, cli  # noqa: E402
 from coreinfer_jax.generation import Generator  # noqa: E402
 from coreinfer_jax.params import decode_weight_bytes  # noqa: E402
 
@@ -91,7 +91,8 @@ def main(argv):
     for (method, beta, core), gen, out in zip(variants, gens, rows):
       stats, tps = benchmarking.time_prefill_and_decode(gen, [prompt], s["decode_steps"])
       out.append({"tps": tps, "prefill": stats.prefill_seconds, "gather": stats.gather_seconds,
-                  "select": stats.select_seconds, "ffn_fraction": stats.ffn_bytes_fraction})
+                  "select": stats.select_seconds, "ffn_fraction": stats.ffn_bytes_fraction,
+                  "weight_bytes": stats.decode_weight_bytes})
       line.append(f"{method}{'' if core is None else f' β={beta}'} {tps:.2f}")
     if hf is not None:
       hf_rounds.append(benchmarking.hf_decode_tokens_per_second(hf, prompt, s["decode_steps"]))
@@ -103,9 +104,7 @@ def main(argv):
   runs = []
   for (method, beta, core), gen, out in zip(variants, gens, rows):
     tps = _median(out, "tps")
-    ffn_fraction = out[0]["ffn_fraction"]
-    ffn_dense = gather.ffn_bytes_per_sequence(m.params)
-    weight_bytes = dense_bytes - (1 - ffn_fraction) * ffn_dense
+    ffn_fraction, weight_bytes = out[0]["ffn_fraction"], out[0]["weight_bytes"]
     select_gather = (None if core is None else
                      statistics.median([o["select"] + o["gather"] for o in out]))
     dense_prefill = statistics.median([o["prefill"] - o["gather"] - (o["select"] or 0) for o in out])
