@@ -15,8 +15,9 @@ from typing import Any, Dict, Optional
 
 import jax.numpy as jnp
 from absl import flags
+from absl import logging as absl_logging
 
-from coreinfer_jax import loading
+from coreinfer_jax import artefacts, loading
 from coreinfer_jax.config import ModelConfig, UnsupportedConfigError, config_from_hf
 from coreinfer_jax.core import SCORINGS, CoreSpec, core_spec, parse_beta
 from coreinfer_jax.convert import CheckpointError, random_params
@@ -24,6 +25,7 @@ from coreinfer_jax.generation import default_dtype
 
 # Errors a user can cause with bad input: reported in one line, exit status 2.
 USER_ERRORS = (ValueError, FileNotFoundError, UnsupportedConfigError, CheckpointError)
+# (artefacts.ClusterMismatchError is a ValueError)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -41,12 +43,17 @@ def define_model_flags(configs_dir: str = REPO_CONFIGS_DIR) -> None:
   flags.DEFINE_integer("cache_len", 1024, "KV cache length (prompt bucket + new tokens must fit)")
 
 
-METHODS = ("dense", "stability")
-CORE_FLAGS = ["method", "beta", "alpha", "scoring", "sparse_layers", "beta_file"]
+METHODS = ("dense", "stability", "similarity")
+SPEC_FLAGS = ["beta", "alpha", "scoring", "sparse_layers", "beta_file"]
+CORE_FLAGS = ["method", "cluster_dir"] + SPEC_FLAGS
 
 
-def define_core_flags() -> None:
-  flags.DEFINE_string("method", "dense", f"decoding method: {' | '.join(METHODS)}")
+def define_core_flags(with_method: bool = True) -> None:
+  """The `SPEC_FLAGS` (core settings), and with `with_method` the method and
+  the cluster artefacts of similarity-guided decoding (`CORE_FLAGS`)."""
+  if with_method:
+    flags.DEFINE_string("method", "dense", f"decoding method: {' | '.join(METHODS)}")
+    flags.DEFINE_string("cluster_dir", None, "similarity: the folder scripts/cluster.py wrote")
   flags.DEFINE_string("beta", "0.4", "kept fraction of FFN neurons in each sparsified layer: "
                       "one value, or a comma list with one value per sparsified layer")
   flags.DEFINE_float("alpha", 0.2, "token-wise core fraction (signed, magnitude scorings)")
@@ -68,6 +75,26 @@ def core_spec_for(method: str, s: Dict[str, Any], config: ModelConfig,
   return core_spec(config.num_layers, config.intermediate_size,
                    beta=parse_beta(s["beta"] if beta is None else beta), alpha=s["alpha"],
                    scoring=s["scoring"], sparse_layers=s["sparse_layers"], beta_file=s["beta_file"])
+
+
+def model_fingerprint(model: Optional[str], shape: Optional[str] = None, seed: int = 0) -> str:
+  """What `load` will report as the model's fingerprint, without loading it."""
+  return f"random:{shape}:{seed}" if shape else loading.fingerprint(model or loading.default_model_path())
+
+
+def clusters_for(method: str, cluster_dir: Optional[str], config: ModelConfig,
+                 spec: Optional[CoreSpec], fingerprint: str) -> Optional[artefacts.ClusterArtefacts]:
+  """Similarity: the artefacts in `cluster_dir`, checked against the model and
+  the core settings asked for (before any weights load); None otherwise."""
+  if method != "similarity":
+    if cluster_dir:
+      raise ValueError(f"--cluster_dir is only used by --method=similarity, not {method}")
+    return None
+  if not cluster_dir:
+    raise ValueError("--method=similarity needs --cluster_dir (built by scripts/cluster.py)")
+  manifest = artefacts.read_manifest(cluster_dir)
+  artefacts.check_compatible(cluster_dir, manifest, config=config, fingerprint=fingerprint, spec=spec)
+  return artefacts.load(cluster_dir)
 
 
 def load_named_config(configs_dir: str, name: str) -> Dict[str, Any]:
@@ -110,7 +137,7 @@ def load(model: Optional[str], dtype, shape: Optional[str] = None, configs_dir: 
   if shape:
     config = model_config(model, shape, configs_dir, num_layers)
     m = loading.LoadedModel(config, random_params(config, seed, dtype), None,
-                            f"random:{shape}", f"random:{shape}:{seed}")
+                            f"random:{shape}", model_fingerprint(model, shape, seed))
   else:
     m = loading.load_model(model, dtype)
   return m, time.perf_counter() - t0
@@ -121,6 +148,8 @@ def run_main(main):
   def wrapped(argv):
     # JAX logs at INFO that TPU/GPU backends are absent; not news on a CPU run.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    if not flags.FLAGS["verbosity"].present:   # orbax logs every save at INFO
+      absl_logging.set_verbosity(absl_logging.WARNING)
     try:
       return main(argv)
     except USER_ERRORS as e:

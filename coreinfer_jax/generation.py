@@ -10,7 +10,10 @@ that compile time is never hidden in a throughput figure.
 Sparse decoding (a `CoreSpec`): the prefill also returns each sparsified
 layer's core neurons, a compiled gather (once per shape) copies their rows, and
 the same decode step runs on the compact FFNs, compiled once per (batch, k,
-cache length) whatever the prompt or its core set.
+cache length) whatever the prompt or its core set. Similarity-guided decoding
+(`ClusterArtefacts`): the prefill selects at the clustering layer only, the
+nearest cluster is chosen, and decoding runs on that cluster's compact FFNs,
+gathered once per cluster (`similarity.ClusterFFNs`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coreinfer_jax import gather, model, selection
+from coreinfer_jax import gather, model, selection, similarity
+from coreinfer_jax.artefacts import ClusterArtefacts
 from coreinfer_jax.cache import KVCache, init_cache
 from coreinfer_jax.config import ModelConfig
 from coreinfer_jax.core import CoreSpec
@@ -121,6 +125,7 @@ class GenerationStats:
   decode_weight_bytes: float = 0.0  # all weight bytes one sequence's decode token reads
   decode_seconds: float = 0.0
   decode_steps: int = 0     # decode-step calls (each yields one token per sequence)
+  cluster_ids: Optional[List[int]] = None   # similarity-guided: each sequence's cluster
 
   @property
   def decode_tokens_per_second(self) -> float:
@@ -209,6 +214,7 @@ class Prefilled:
   cache: KVCache
   decode_params: ModelParams     # the parameters, with gathered FFNs when sparse
   core: gather.CoreIndices       # per layer int32 [B, k], or None (dense layer)
+  cluster_ids: Optional[np.ndarray] = None   # int32 [B], similarity-guided decoding
 
 
 class Generator:
@@ -217,16 +223,21 @@ class Generator:
   With `core` (a `CoreSpec`), the prefill also selects each sparsified layer's
   core neurons, one compiled gather copies their rows, and decoding runs on
   those compact FFNs: the decode step compiles once per (batch, k, cache
-  length) and serves every later prompt.
+  length) and serves every later prompt. With `clusters` instead, decoding
+  runs on the prompt's nearest cluster's core neurons (`core` is then the
+  artefacts' own spec); `preload_clusters` gathers every cluster up front.
   """
 
   def __init__(self, config: ModelConfig, params: ModelParams, tokenizer=None, *,
                cache_len: int = 1024, buckets: Sequence[int] = DEFAULT_BUCKETS,
                sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
-               core: Optional[CoreSpec] = None, time_selection: bool = False):
+               core: Optional[CoreSpec] = None, clusters: Optional[ClusterArtefacts] = None,
+               preload_clusters: bool = False, time_selection: bool = False):
     if config.sliding_window and cache_len > config.sliding_window:
       raise ValueError(f"cache_len {cache_len} exceeds the model's sliding window "
                        f"{config.sliding_window}, which is not implemented")
+    if clusters is not None:
+      core = clusters.spec
     if core is not None and len(core.layer_k) != config.num_layers:
       raise ValueError(f"core spec for {len(core.layer_k)} layers, model has {config.num_layers}")
     self.config = config
@@ -240,7 +251,11 @@ class Generator:
     self.key = jax.random.key(seed)
     self.compiled = CompiledFunctions()
     self._recycled = None
-    self._prefill = prefill_fn(config, cache_len, sampling, core)
+    self.clusters = None if clusters is None else similarity.ClusterFFNs(clusters, self.compiled)
+    if preload_clusters and self.clusters:
+      self.clusters.preload(params)
+    selecting = core if clusters is None else similarity.prefill_spec(clusters)
+    self._prefill = prefill_fn(config, cache_len, sampling, selecting)
     self._dense_prefill = prefill_fn(config, cache_len, sampling)
     self._decode = decode_fn(config, sampling)
     eos = list(config.eos_token_ids)
@@ -271,23 +286,29 @@ class Generator:
     return self.compiled("dense_prefill", self._dense_prefill, params, tokens_BT, start_B, self.key)
 
   def decode_params(self, params: ModelParams, core: gather.CoreIndices,
-                    recycled: Optional[Tuple] = None) -> ModelParams:
-    """`params` with each sparsified layer's FFN gathered down to its core rows,
-    written into `recycled` (a finished sentence's compact FFNs, see `recycle`)
-    or into new buffers."""
+                    recycled: Optional[Tuple] = None) -> Tuple[ModelParams, Optional[np.ndarray]]:
+    """(`params` with each sparsified layer's FFN gathered down to its core
+    rows, cluster ids or None). Stability: gathered into `recycled` (a finished
+    sentence's compact FFNs, see `recycle`) or new buffers. Similarity: the
+    nearest cluster's kept FFNs."""
     if self.core is None:
-      return params
+      return params, None
+    if self.clusters is not None:
+      art = self.clusters.art
+      ids = np.asarray(self.compiled("assign", similarity.nearest_cluster,
+                                     jnp.asarray(art.centroids_CF), core[art.cluster_layer]))
+      return self.clusters.decode_params(params, ids.tolist()), ids
     shapes = jax.eval_shape(gather.gather_core, params, core)
     if recycled is None or not _same_shapes(recycled, shapes):
       recycled = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
     compact = self.compiled("gather", gather.gather_core_into, params, core, recycled,
                             donate_argnums=(2,))
-    return gather.with_compact_ffn(params, compact)
+    return gather.with_compact_ffn(params, compact), None
 
   def recycle(self, state: Prefilled) -> None:
     """Hands back a sentence's gathered FFNs once its decoding is over: the
     next `timed_prefill` gathers into them. `state` must not be used again."""
-    if self.core is not None:
+    if self.core is not None and self.clusters is None:
       self._recycled = tuple(layer.ffn if k is not None else None
                              for layer, k in zip(state.decode_params.layers, self.core.layer_k))
 
@@ -295,7 +316,8 @@ class Generator:
               max_new_tokens: int) -> Prefilled:
     """Pads, runs the compiled prefill and, when sparse, the gather."""
     tokens, cache, core = self.prefill_padded(params, *self.pad(prompt_ids, max_new_tokens))
-    return Prefilled(tokens, cache, self.decode_params(params, core), core)
+    decode_params, cluster_ids = self.decode_params(params, core)
+    return Prefilled(tokens, cache, decode_params, core, cluster_ids)
 
   def decode(self, params: ModelParams, cache: KVCache, tokens_B: jax.Array):
     return self.compiled("decode", self._decode, params, cache, tokens_B, self.key,
@@ -312,7 +334,8 @@ class Generator:
     t0 = time.perf_counter()
     compile_before = sum(self.compiled.compile_seconds.values())
     first, cache, core = self.prefill_padded(params, tokens, start)
-    state = Prefilled(first, cache, self.decode_params(params, core), core)
+    decode_params, cluster_ids = self.decode_params(params, core)
+    state = Prefilled(first, cache, decode_params, core, cluster_ids)
     jax.block_until_ready(self.decode(state.decode_params, state.cache, state.tokens_B))
     self.recycle(state)   # the first real prompt gathers into these buffers
     if self.time_selection:
@@ -329,7 +352,8 @@ class Generator:
     selecting_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     recycled, self._recycled = self._recycled, None
-    decode_params = jax.block_until_ready(self.decode_params(self.params, core, recycled))
+    decode_params, cluster_ids = jax.block_until_ready(
+        self.decode_params(self.params, core, recycled))
     stats.gather_seconds = time.perf_counter() - t0
     stats.prefill_seconds = selecting_seconds + stats.gather_seconds
     stats.ffn_bytes_fraction = gather.ffn_bytes_fraction(self.params, decode_params)
@@ -338,7 +362,8 @@ class Generator:
       t0 = time.perf_counter()
       jax.block_until_ready(self.dense_prefill_padded(self.params, tokens_BT, start_B))
       stats.select_seconds = selecting_seconds - (time.perf_counter() - t0)
-    return Prefilled(tokens, cache, decode_params, core)
+    stats.cluster_ids = None if cluster_ids is None else cluster_ids.tolist()
+    return Prefilled(tokens, cache, decode_params, core, cluster_ids)
 
   def generate_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
                    stop_strings: Sequence[str] = (),

@@ -13,10 +13,13 @@ Stability rule (GUIDE §1, faithful to the official code for `signed`):
    core), then by index; the first k are kept.
 `signed` scores s = the neuron value (for ReLU FFNs the fc1 output before the
 ReLU, as the official code); `magnitude` scores s = |h|. `griffin` ranks
-neurons by the norm over tokens of each token's L2-normalised h (GRIFFIN).
+neurons by the norm over tokens of each token's L2-normalised h (GRIFFIN; ranked by
+its square, a sum over tokens).
 """
 
 from __future__ import annotations
+
+from typing import Tuple
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +88,7 @@ def _descending(x: jax.Array) -> jax.Array:
   return jnp.where(x == 0, jnp.zeros_like(x), -x)
 
 
-def _first_k(k: int, *keys_BF: jax.Array) -> jax.Array:
+def rank_neurons(k: int, *keys_BF: jax.Array) -> jax.Array:
   """int32 [B, k]: neurons ordered by the keys (descending, lexicographic),
   then by index."""
   index = lax.broadcasted_iota(jnp.int32, keys_BF[0].shape, 1)
@@ -122,28 +125,33 @@ def token_core_counts(scores_BTF: jax.Array, real_BT: jax.Array, alpha: float) -
   return lax.scan(add_block, counts_BF, blocks)[0]
 
 
-def stability_core(scores_BTF: jax.Array, real_BT: jax.Array, k: int, alpha: float) -> jax.Array:
-  counts_BF = token_core_counts(scores_BTF, real_BT, alpha)
-  summed_BF = jnp.sum(jnp.where(real_BT[..., None], scores_BTF.astype(jnp.float32), 0.0), axis=1)
-  return _first_k(k, counts_BF, summed_BF)
-
-
-def griffin_core(h_BTF: jax.Array, real_BT: jax.Array, k: int) -> jax.Array:
-  h = h_BTF.astype(jnp.float32)
-  norms_BT1 = jnp.sqrt(jnp.sum(h * h, axis=-1, keepdims=True))
-  normalised = jnp.where(real_BT[..., None], h / jnp.maximum(norms_BT1, 1e-30), 0.0)
-  return _first_k(k, jnp.sqrt(jnp.sum(normalised * normalised, axis=1)))
+def core_statistics(values_BTF: jax.Array, real_BT: jax.Array, *, scoring: str, alpha: float,
+                    relu: bool) -> Tuple[jax.Array, jax.Array]:
+  """Per-neuron ranking keys (primary [B, F], secondary [B, F]): the core
+  neurons are the k first by (primary, secondary) descending, then by index.
+  Signed and magnitude: (token-wise core count, score summed over real tokens);
+  GRIFFIN: (sum over tokens of each token's L2-normalised h squared, 0). Both
+  keys are sums over tokens, so summing them over several sentences ranks the
+  neurons of all their tokens together (a cluster's core set)."""
+  h = jax.nn.relu(values_BTF) if relu else values_BTF
+  real = real_BT[..., None]
+  if scoring == "griffin":
+    h = h.astype(jnp.float32)
+    norms_BT1 = jnp.sqrt(jnp.sum(h * h, axis=-1, keepdims=True))
+    normalised = jnp.where(real, h / jnp.maximum(norms_BT1, 1e-30), 0.0)
+    squares_BF = jnp.sum(normalised * normalised, axis=1)
+    return squares_BF, jnp.zeros_like(squares_BF)
+  scores = values_BTF if scoring == "signed" else jnp.abs(h)
+  summed_BF = jnp.sum(jnp.where(real, scores.astype(jnp.float32), 0.0), axis=1)
+  return token_core_counts(scores, real_BT, alpha), summed_BF
 
 
 def select_core(values_BTF: jax.Array, real_BT: jax.Array, *, k: int, scoring: str,
                 alpha: float, relu: bool) -> jax.Array:
   """One layer's core neurons `int32 [B, k]` from its neuron values (h for
   SwiGLU; the fc1 output before the ReLU when `relu`)."""
-  h = jax.nn.relu(values_BTF) if relu else values_BTF
-  if scoring == "griffin":
-    return griffin_core(h, real_BT, k)
-  scores = values_BTF if scoring == "signed" else jnp.abs(h)
-  return stability_core(scores, real_BT, k, alpha)
+  return rank_neurons(k, *core_statistics(values_BTF, real_BT, scoring=scoring, alpha=alpha,
+                                          relu=relu))
 
 
 def layer_selector(spec: CoreSpec, relu: bool):

@@ -3,6 +3,7 @@
   python scripts/generate.py --prompt="The capital of France is"
   python scripts/generate.py --prompts_file=prompts.txt --json_out=out.json
   python scripts/generate.py --prompt="..." --method=stability --beta=0.4 --scoring=magnitude
+  python scripts/generate.py --prompt="..." --method=similarity --cluster_dir=clusters/tqa
 """
 
 import os
@@ -29,6 +30,8 @@ flags.DEFINE_multi_string("stop", [], "stop string (repeatable)")
 flags.DEFINE_boolean("chat", False, "wrap the prompt in the tokenizer's chat template")
 flags.DEFINE_boolean("stream", True, "print text as it is generated")
 flags.DEFINE_string("json_out", None, "write results as JSON here")
+flags.DEFINE_boolean("preload_clusters", False, "similarity: gather every cluster's compact "
+                     "FFNs at start (default: each on first use)")
 flags.DEFINE_boolean("time_selection", True, "sparse methods: also run a dense prefill of each "
                      "prompt, to report the selection's cost (select_gather_seconds)")
 FLAGS = flags.FLAGS
@@ -54,13 +57,17 @@ def main(argv):
     raise ValueError(f"--max_new_tokens must be at least 1, got {s['max_new_tokens']}")
   sampling = SamplingConfig(s["temperature"], s["top_k"], s["top_p"])
   prompts = _prompts()
-  core = cli.core_spec_for(s["method"], s, cli.model_config(FLAGS.model))
+  config = cli.model_config(FLAGS.model)
+  core = cli.core_spec_for(s["method"], s, config)
+  clusters = cli.clusters_for(s["method"], s["cluster_dir"], config, core,
+                              cli.model_fingerprint(FLAGS.model))
   m, load_seconds = cli.load(FLAGS.model, cli.resolve_dtype(s["dtype"]))
   print(f"[loaded {m.path} in {load_seconds:.1f}s]", file=sys.stderr)
   if core:
     print(f"[{s['method']}: {core.summary()}]", file=sys.stderr)
   gen = Generator(m.config, m.params, m.tokenizer, cache_len=s["cache_len"], sampling=sampling,
-                  seed=s["seed"], core=core, time_selection=FLAGS.time_selection)
+                  seed=s["seed"], core=core, clusters=clusters,
+                  preload_clusters=FLAGS.preload_clusters, time_selection=FLAGS.time_selection)
   records = []
   for prompt in prompts:
     ids = gen.encode(prompt, chat=s["chat"])
@@ -74,7 +81,8 @@ def main(argv):
                      else stats.select_seconds + stats.gather_seconds)
     print(f"[prompt {result.prompt_tokens} tokens, prefill {stats.prefill_seconds * 1e3:.1f} ms"
           + ("" if select_gather is None else f" (select + gather {select_gather * 1e3:.1f} ms)")
-          + ("" if core is None else f" (gather {stats.gather_seconds * 1e3:.1f} ms)") + ", "
+          + ("" if core is None else f" (gather {stats.gather_seconds * 1e3:.1f} ms)")
+          + ("" if clusters is None else f" (cluster {stats.cluster_ids[0]})") + ", "
           f"{len(result.token_ids)} new tokens, decode {stats.decode_tokens_per_second:.1f} tokens/s, "
           f"stop: {result.finish_reason}]", file=sys.stderr)
     records.append({
@@ -88,6 +96,7 @@ def main(argv):
         "ffn_bytes_fraction": stats.ffn_bytes_fraction,
         "decode_tokens_per_second": stats.decode_tokens_per_second,
         "decode_compiles": gen.compiled.compiles["decode"],
+        "cluster_id": stats.cluster_ids[0] if clusters else None,
     })
   compile_seconds = dict(gen.compiled.compile_seconds)
   print(f"[compiles {dict(gen.compiled.compiles)}, compile seconds "
