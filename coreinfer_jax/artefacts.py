@@ -5,7 +5,7 @@
                            sets/layer_<i> int32 [C, k_i] per sparsified layer i
 
 Saving writes the new orbax folder first (orbax itself commits it by a rename),
-then replaces `manifest.json` atomically, then deletes the previous folder: a
+then replaces `manifest.json` atomically, then deletes older folders: a
 run interrupted at any point leaves a manifest that names complete arrays.
 Loading checks the manifest against the model and the core settings asked for
 and raises `ClusterMismatchError` naming whatever differs.
@@ -14,6 +14,7 @@ and raises `ClusterMismatchError` naming whatever differs.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -85,14 +86,14 @@ def save(out_dir: str, art: ClusterArtefacts) -> str:
   import orbax.checkpoint as ocp
   out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
-  previous = read_manifest(out_dir).get("artefacts") if has_artefacts(out_dir) else None
   name = f"clusters-{uuid.uuid4().hex[:12]}"
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(out_dir, name), _tree(art))
   checkpointer.wait_until_finished()
   _write_json(os.path.join(out_dir, MANIFEST), dict(art.manifest, format=FORMAT, artefacts=name))
-  if previous and previous != name:
-    shutil.rmtree(os.path.join(out_dir, previous), ignore_errors=True)
+  for old in glob.glob(os.path.join(out_dir, "clusters-*")):   # replaced, or orphaned by a crash
+    if os.path.basename(old) != name:
+      shutil.rmtree(old, ignore_errors=True)
   return os.path.join(out_dir, name)
 
 

@@ -4,6 +4,8 @@
   python scripts/benchmark.py --shape=tinyllama-1.1b --compare_hf --json_out=out.json
   python scripts/benchmark.py --config=bench-tinyllama --methods=dense,stability --betas=0.4,0.2 \
       --sparse_layers=all --compare_hf
+  python scripts/benchmark.py --config=bench-smollm2 --methods=dense,stability,similarity \
+      --cluster_dir=clusters/tqa
 
 Measurements alternate (each method and β, then transformers) for --rounds
 rounds and report medians, so that machine noise hits every side alike.
@@ -11,7 +13,8 @@ Sparse runs report `speedup_vs_dense`, `bound_speedup` (weight bytes read per
 decode token, dense over sparse) and `fraction_of_bound`; their prefill time
 includes core selection and the gather, and `select_gather_seconds` is that
 extra (the selecting prefill minus a dense prefill of the same prompt, plus
-the gather), measured in the same round.
+the gather), measured in the same round. Similarity-guided runs select at the
+clustering layer only and gather nothing once their cluster has been used.
 """
 
 import os
@@ -41,12 +44,19 @@ flags.DEFINE_string("json_out", None, "write results as JSON here")
 FLAGS = flags.FLAGS
 
 
-def _variants(s, config):
-  """(method, β flag value, CoreSpec or None) for every run, checked before loading."""
+def _variants(s, config, fingerprint):
+  """(method, β flag value, CoreSpec or None, ClusterArtefacts or None) for
+  every run, checked before loading."""
   methods = FLAGS.methods or [s["method"]]
   betas = FLAGS.betas or [s["beta"]]
-  return [(method, beta, cli.core_spec_for(method, s, config, beta))
-          for method in methods for beta in (betas if method != "dense" else [None])]
+  variants = []
+  for method in methods:
+    for beta in (betas if method != "dense" else [None]):
+      core = cli.core_spec_for(method, s, config, beta)
+      cluster_dir = s["cluster_dir"] if method == "similarity" else None
+      variants.append((method, beta, core,
+                       cli.clusters_for(method, cluster_dir, config, core, fingerprint)))
+  return variants
 
 
 def _median(rows, key):
@@ -60,7 +70,8 @@ def main(argv):
                    + cli.CORE_FLAGS)
   if s["decode_steps"] < 1 or s["rounds"] < 1 or s["prompt_len"] < 1:
     raise ValueError("--decode_steps, --rounds and --prompt_len must be at least 1")
-  variants = _variants(s, cli.model_config(FLAGS.model, s["shape"], FLAGS.configs_dir, FLAGS.num_layers))
+  variants = _variants(s, cli.model_config(FLAGS.model, s["shape"], FLAGS.configs_dir, FLAGS.num_layers),
+                       cli.model_fingerprint(FLAGS.model, s["shape"]))
   dtype = cli.resolve_dtype(s["dtype"])
   dtype_name = np.dtype(dtype).name
   m, load_seconds = cli.load(FLAGS.model, dtype, s["shape"], FLAGS.configs_dir, FLAGS.num_layers)
@@ -74,8 +85,9 @@ def main(argv):
   probe = benchmarking.probe_gb_per_s(min(dense_bytes, 1 << 30), dtype)
   print(f"probe: {probe:.1f} GB/s weight streaming")
 
-  gens = [Generator(m.config, m.params, cache_len=s["cache_len"], core=core, time_selection=True)
-          for _, _, core in variants]
+  gens = [Generator(m.config, m.params, cache_len=s["cache_len"], core=core, clusters=clusters,
+                    time_selection=True)
+          for _, _, core, clusters in variants]
   prompt = np.random.default_rng(0).integers(3, m.config.vocab_size, s["prompt_len"]).tolist()
   hf = None
   if FLAGS.compare_hf:
@@ -88,11 +100,11 @@ def main(argv):
   hf_rounds = []
   for r in range(s["rounds"]):
     line = []
-    for (method, beta, core), gen, out in zip(variants, gens, rows):
+    for (method, beta, core, _), gen, out in zip(variants, gens, rows):
       stats, tps = benchmarking.time_prefill_and_decode(gen, [prompt], s["decode_steps"])
       out.append({"tps": tps, "prefill": stats.prefill_seconds, "gather": stats.gather_seconds,
                   "select": stats.select_seconds, "ffn_fraction": stats.ffn_bytes_fraction,
-                  "weight_bytes": stats.decode_weight_bytes})
+                  "weight_bytes": stats.decode_weight_bytes, "clusters": stats.cluster_ids})
       line.append(f"{method}{'' if core is None else f' β={beta}'} {tps:.2f}")
     if hf is not None:
       hf_rounds.append(benchmarking.hf_decode_tokens_per_second(hf, prompt, s["decode_steps"]))
@@ -100,9 +112,10 @@ def main(argv):
     print(f"round {r} tokens/s: " + ", ".join(line))
 
   hf_tps = statistics.median(hf_rounds) if hf_rounds else None
-  dense_tps = next((_median(out, "tps") for (_, _, core), out in zip(variants, rows) if core is None), None)
+  dense_tps = next((_median(out, "tps") for (_, _, core, _), out in zip(variants, rows)
+                    if core is None), None)
   runs = []
-  for (method, beta, core), gen, out in zip(variants, gens, rows):
+  for (method, beta, core, _), gen, out in zip(variants, gens, rows):
     tps = _median(out, "tps")
     ffn_fraction, weight_bytes = out[0]["ffn_fraction"], out[0]["weight_bytes"]
     select_gather = (None if core is None else
@@ -113,6 +126,7 @@ def main(argv):
         "beta": None if core is None else cli.parse_beta(beta),
         "scoring": None if core is None else core.scoring,
         "core": None if core is None else core.summary(),
+        "cluster_ids": None if method != "similarity" else [o["clusters"][0] for o in out],
         "decode_tokens_per_second": tps,
         "weight_bytes_per_token": weight_bytes,
         "ffn_bytes_fraction": ffn_fraction,
