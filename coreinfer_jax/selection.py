@@ -125,6 +125,16 @@ def token_core_counts(scores_BTF: jax.Array, real_BT: jax.Array, alpha: float) -
   return lax.scan(add_block, counts_BF, blocks)[0]
 
 
+def token_scores(values_BTF: jax.Array, scoring: str, relu: bool) -> jax.Array:
+  """What the token-wise top-m ranks (`signed`, `magnitude`): the neuron value
+  (before the ReLU for ReLU FFNs), or |h|."""
+  if scoring == "signed":
+    return values_BTF
+  if scoring == "magnitude":
+    return jnp.abs(jax.nn.relu(values_BTF) if relu else values_BTF)
+  raise ValueError(f"scoring {scoring!r} has no token-wise core neurons")
+
+
 def core_statistics(values_BTF: jax.Array, real_BT: jax.Array, *, scoring: str, alpha: float,
                     relu: bool) -> Tuple[jax.Array, jax.Array]:
   """Per-neuron ranking keys (primary [B, F], secondary [B, F]): the core
@@ -133,15 +143,14 @@ def core_statistics(values_BTF: jax.Array, real_BT: jax.Array, *, scoring: str, 
   GRIFFIN: (sum over tokens of each token's L2-normalised h squared, 0). Both
   keys are sums over tokens, so summing them over several sentences ranks the
   neurons of all their tokens together (a cluster's core set)."""
-  h = jax.nn.relu(values_BTF) if relu else values_BTF
   real = real_BT[..., None]
   if scoring == "griffin":
-    h = h.astype(jnp.float32)
+    h = (jax.nn.relu(values_BTF) if relu else values_BTF).astype(jnp.float32)
     norms_BT1 = jnp.sqrt(jnp.sum(h * h, axis=-1, keepdims=True))
     normalised = jnp.where(real, h / jnp.maximum(norms_BT1, 1e-30), 0.0)
     squares_BF = jnp.sum(normalised * normalised, axis=1)
     return squares_BF, jnp.zeros_like(squares_BF)
-  scores = values_BTF if scoring == "signed" else jnp.abs(h)
+  scores = token_scores(values_BTF, scoring, relu)
   summed_BF = jnp.sum(jnp.where(real, scores.astype(jnp.float32), 0.0), axis=1)
   return token_core_counts(scores, real_BT, alpha), summed_BF
 
