@@ -64,6 +64,24 @@ def define_core_flags(with_method: bool = True) -> None:
                       "replaces --beta and --sparse_layers")
 
 
+def define_dataset_flags() -> None:
+  """The text dataset of scripts/cluster.py and scripts/analyze.py."""
+  flags.DEFINE_string("dataset", "truthfulqa", "truthfulqa (read from --data_dir) or a .txt "
+                      "(one text per line), .jsonl or .csv file")
+  flags.DEFINE_string("data_dir", None, "folder holding the named datasets")
+  flags.DEFINE_string("text_field", "text", ".jsonl field or .csv column holding the text")
+  flags.DEFINE_string("label_field", None, ".jsonl field or .csv column holding a group label")
+  flags.DEFINE_integer("batch_size", 8, "texts per prefill batch")
+  flags.DEFINE_integer("max_tokens", 256, "tokens kept per text (longer texts are truncated)")
+
+
+def texts_from_flags(limit: Optional[int]):
+  from coreinfer_jax import texts
+  FLAGS = flags.FLAGS
+  return texts.load_texts(FLAGS.dataset, FLAGS.data_dir, text_key=FLAGS.text_field,
+                          label_key=FLAGS.label_field, limit=limit)
+
+
 def core_spec_for(method: str, s: Dict[str, Any], config: ModelConfig,
                   beta: Optional[str] = None) -> Optional[CoreSpec]:
   """The validated `CoreSpec` of a method (None for dense) from the settings of

@@ -34,13 +34,9 @@ ANALYSES = ("stability", "similarity", "clusters")
 
 cli.define_model_flags()
 cli.define_core_flags(with_method=False)
+cli.define_dataset_flags()
 flags.FLAGS.set_default("sparse_layers", "all")
 flags.DEFINE_enum("analysis", None, ANALYSES, "what to measure")
-flags.DEFINE_string("dataset", "truthfulqa", "truthfulqa (read from --data_dir) or a .txt, "
-                    ".jsonl or .csv file")
-flags.DEFINE_string("data_dir", None, "folder holding the named datasets")
-flags.DEFINE_string("text_field", "text", ".jsonl field or .csv column holding the text")
-flags.DEFINE_string("label_field", None, ".jsonl field or .csv column holding a group label")
 flags.DEFINE_integer("limit", None, "examples used (default: 32 prompts for stability, "
                      "300 texts for similarity)")
 flags.DEFINE_integer("num_steps", 64, "stability: tokens generated after each prompt")
@@ -50,20 +46,13 @@ flags.DEFINE_string("embedding_model", None, "similarity: a local sentence-trans
 flags.DEFINE_string("cluster_dir", None, "clusters: the folder scripts/cluster.py wrote")
 flags.DEFINE_string("out_dir", None, "where ANALYSIS.json and ANALYSIS.png go")
 flags.DEFINE_integer("seed", 0, "seed of the random baselines")
-flags.DEFINE_integer("batch_size", 8, "texts per prefill batch")
-flags.DEFINE_integer("max_tokens", 256, "tokens kept per text")
 FLAGS = flags.FLAGS
 
 DEFAULT_LIMITS = {"stability": 32, "similarity": 300}
 
 
-def _texts(limit):
-  return texts.load_texts(FLAGS.dataset, FLAGS.data_dir, text_key=FLAGS.text_field,
-                          label_key=FLAGS.label_field, limit=limit)
-
-
 def _stability(m, spec):
-  data = _texts(FLAGS.limit or DEFAULT_LIMITS["stability"])
+  data = cli.texts_from_flags(FLAGS.limit or DEFAULT_LIMITS["stability"])
   if FLAGS.num_steps < 1:
     raise ValueError(f"--num_steps must be at least 1, got {FLAGS.num_steps}")
   prompt_ids = clustering.tokenize(m.tokenizer, data.prompts, FLAGS.max_tokens)
@@ -74,7 +63,7 @@ def _stability(m, spec):
 
 
 def _similarity(m, spec):
-  data = _texts(FLAGS.limit or DEFAULT_LIMITS["similarity"])
+  data = cli.texts_from_flags(FLAGS.limit or DEFAULT_LIMITS["similarity"])
   focus = (clustering.default_cluster_layer(m.config.num_layers) if FLAGS.cluster_layer is None
            else FLAGS.cluster_layer)
   layer_k = {i: k for i, k in enumerate(spec.layer_k) if k is not None}

@@ -26,10 +26,7 @@ from coreinfer_jax.core import num_core_neurons  # noqa: E402
 
 cli.define_model_flags()
 cli.define_core_flags(with_method=False)
-flags.DEFINE_string("dataset", "truthfulqa", "truthfulqa (read from --data_dir) or a .txt, "
-                    ".jsonl or .csv file")
-flags.DEFINE_string("data_dir", None, "folder holding the named datasets")
-flags.DEFINE_string("text_field", "text", ".jsonl field or .csv column holding the text")
+cli.define_dataset_flags()
 flags.DEFINE_string("out_dir", None, "where the artefacts go (replaced atomically)")
 flags.DEFINE_integer("cluster_layer", None, "layer whose core sets are clustered "
                      "(default: 25/32 of the depth, as the paper)")
@@ -42,8 +39,6 @@ flags.DEFINE_float("holdout_fraction", 0.0, "leave this fraction of the texts ou
                    "split recorded in the manifest, for held-out evaluation)")
 flags.DEFINE_integer("split_seed", 0, "seed of the held-out split")
 flags.DEFINE_integer("seed", 0, "k-means seed")
-flags.DEFINE_integer("batch_size", 8, "texts per prefill batch")
-flags.DEFINE_integer("max_tokens", 256, "tokens kept per text (longer texts are truncated)")
 flags.DEFINE_boolean("resume", True, "reuse finished batches of an interrupted identical run")
 flags.DEFINE_boolean("progress", True, "show a progress bar")
 FLAGS = flags.FLAGS
@@ -82,7 +77,7 @@ def main(argv):
   requested = _num_clusters(FLAGS.num_clusters)
   plan = clustering.StatisticsPlan.for_spec(
       spec, layer, num_core_neurons(cluster_beta, config.intermediate_size))
-  data = texts.load_texts(FLAGS.dataset, FLAGS.data_dir, text_key=FLAGS.text_field, limit=FLAGS.limit)
+  data = cli.texts_from_flags(FLAGS.limit)
   kept, held_out = texts.split_indices(len(data), FLAGS.holdout_fraction, FLAGS.split_seed)
   clustered = data.subset(kept)
   if requested and requested > len(clustered):
