@@ -85,3 +85,32 @@ def test_generate_script_end_to_end(tmp_path, method_args):
                                "alpha": 0.2, "beta": 0.4}
     assert all(r["ffn_bytes_fraction"] == pytest.approx(1 - 20 / 30 * (1 - 614 / 1536))
                for r in payload["results"])
+
+
+def test_clusters_then_similarity_generation_on_truthfulqa(tmp_path):
+  """cluster.py on real TruthfulQA questions, then generate.py with the clusters:
+  five clusters as asked, every prompt assigned to one, decode compiled once."""
+  data_dir = os.path.join(os.path.dirname(REPO), "shared", "data")
+  if not os.path.isdir(data_dir):
+    pytest.skip("../shared/data is not beside the checkout")
+  clusters = tmp_path / "clusters"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "scripts", "cluster.py"), "--dataset=truthfulqa",
+       f"--data_dir={data_dir}", f"--out_dir={clusters}", "--limit=48", "--num_clusters=5",
+       "--noprogress"], capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr
+  manifest = json.loads((clusters / "manifest.json").read_text())
+  assert manifest["num_clusters"] == 5 and sum(manifest["cluster_sizes"]) == 48
+  assert manifest["cluster_layer"] == 23 and manifest["cluster_k"] == 614
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("\n".join(PROMPTS) + "\n")
+  out = tmp_path / "out.json"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "scripts", "generate.py"), f"--prompts_file={prompts}",
+       "--max_new_tokens=8", f"--json_out={out}", "--cache_len=128", "--nostream",
+       "--method=similarity", f"--cluster_dir={clusters}"], capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode == 0, proc.stderr
+  payload = json.loads(out.read_text())
+  assert payload["decode_compiles"] == 1 and payload["method"] == "similarity"
+  assert all(0 <= r["cluster_id"] < 5 and r["text"] for r in payload["results"])
