@@ -22,6 +22,7 @@ from coreinfer_jax.config import ModelConfig
 from coreinfer_jax.core import CoreSpec
 from coreinfer_jax.generation import Generator
 from coreinfer_jax.params import ModelParams
+from coreinfer_jax.similarity import nearest_cluster
 
 
 def _overlap(token_core_BF: jax.Array, reference_BF: jax.Array) -> jax.Array:
@@ -175,7 +176,6 @@ def held_out_overlap(stats: TextStatistics, centroids_CF: np.ndarray,
   """For each held-out prompt: its nearest cluster (from its clustering-layer
   set), and per sparsified layer the overlap of its own stability set with
   that cluster's stored set, and with a random other cluster's set."""
-  from coreinfer_jax.similarity import nearest_cluster
   chosen = np.asarray(nearest_cluster(jnp.asarray(centroids_CF), jnp.asarray(stats.cluster_sets_NK)))
   C = centroids_CF.shape[0]
   rng = np.random.default_rng(seed)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from absl import flags
 from absl import logging as absl_logging
 
-from coreinfer_jax import artefacts, loading
+from coreinfer_jax import artefacts, loading, texts
 from coreinfer_jax.config import ModelConfig, UnsupportedConfigError, config_from_hf
 from coreinfer_jax.core import SCORINGS, CoreSpec, core_spec, parse_beta
 from coreinfer_jax.convert import CheckpointError, random_params
@@ -75,8 +75,7 @@ def define_dataset_flags() -> None:
   flags.DEFINE_integer("max_tokens", 256, "tokens kept per text (longer texts are truncated)")
 
 
-def texts_from_flags(limit: Optional[int]):
-  from coreinfer_jax import texts
+def texts_from_flags(limit: Optional[int]) -> texts.TextSet:
   FLAGS = flags.FLAGS
   return texts.load_texts(FLAGS.dataset, FLAGS.data_dir, text_key=FLAGS.text_field,
                           label_key=FLAGS.label_field, limit=limit)
@@ -110,9 +109,10 @@ def clusters_for(method: str, cluster_dir: Optional[str], config: ModelConfig,
     return None
   if not cluster_dir:
     raise ValueError("--method=similarity needs --cluster_dir (built by scripts/cluster.py)")
-  manifest = artefacts.read_manifest(cluster_dir)
-  artefacts.check_compatible(cluster_dir, manifest, config=config, fingerprint=fingerprint, spec=spec)
-  return artefacts.load(cluster_dir)
+  art = artefacts.load(cluster_dir)   # small arrays: checked before any weights load
+  artefacts.check_compatible(cluster_dir, art.manifest, config=config, fingerprint=fingerprint,
+                             spec=spec)
+  return art
 
 
 def load_named_config(configs_dir: str, name: str) -> Dict[str, Any]:

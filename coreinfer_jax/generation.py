@@ -294,9 +294,7 @@ class Generator:
     if self.core is None:
       return params, None
     if self.clusters is not None:
-      art = self.clusters.art
-      ids = np.asarray(self.compiled("assign", similarity.nearest_cluster,
-                                     jnp.asarray(art.centroids_CF), core[art.cluster_layer]))
+      ids = self.clusters.assign(core)
       return self.clusters.decode_params(params, ids.tolist()), ids
     shapes = jax.eval_shape(gather.gather_core, params, core)
     if recycled is None or not _same_shapes(recycled, shapes):

@@ -14,6 +14,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from coreinfer_jax import gather
 from coreinfer_jax.artefacts import ClusterArtefacts
@@ -52,7 +53,14 @@ class ClusterFFNs:
   def __init__(self, art: ClusterArtefacts, compiled):
     self.art = art
     self._compiled = compiled      # a generation.CompiledFunctions
+    self._centroids_CF = jnp.asarray(art.centroids_CF)   # on the device once
     self._ffns: Dict[int, CompactFFNs] = {}
+
+  def assign(self, core: gather.CoreIndices) -> np.ndarray:
+    """int32 [B]: each sequence's nearest cluster, from the prefill's core
+    neurons at the clustering layer (read back to the host to pick weights)."""
+    return np.asarray(self._compiled("assign", nearest_cluster, self._centroids_CF,
+                                     core[self.art.cluster_layer]))
 
   def ffns(self, params: ModelParams, cluster: int) -> CompactFFNs:
     if cluster not in self._ffns:

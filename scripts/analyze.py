@@ -28,7 +28,6 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from coreinfer_jax import analysis, artefacts, cli, clustering, plots, texts  # noqa: E402
-from coreinfer_jax.core import num_core_neurons  # noqa: E402
 
 ANALYSES = ("stability", "similarity", "clusters")
 
@@ -85,17 +84,16 @@ def _similarity(m, spec):
 
 
 def _held_out(m, cluster_dir):
-  manifest = artefacts.read_manifest(cluster_dir)
-  artefacts.check_compatible(cluster_dir, manifest, config=m.config, fingerprint=m.fingerprint)
   art = artefacts.load(cluster_dir)
-  info = manifest["dataset"]
+  artefacts.check_compatible(cluster_dir, art.manifest, config=m.config, fingerprint=m.fingerprint)
+  info = art.manifest["dataset"]
   if not info["holdout_fraction"]:
     raise ValueError(f"the artefacts in {cluster_dir} were built without a held-out split "
                      f"(scripts/cluster.py --holdout_fraction)")
   data = texts.load_texts(info["name"] if info["name"] in texts.DATASETS else info["source"],
                           FLAGS.data_dir, text_key=info["text_field"], limit=info["limit"])
   if data.data_hash() != info["data_hash"]:
-    raise ValueError(f"the dataset read now differs from the one clustered (data hash)")
+    raise ValueError("the dataset read now differs from the one clustered (data hash)")
   _, held = texts.split_indices(len(data), info["holdout_fraction"], info["split_seed"])
   prompts = data.subset(held).prompts
   plan = clustering.StatisticsPlan.for_spec(art.spec, art.cluster_layer, art.cluster_k)
