@@ -3,7 +3,10 @@
 A gathered FFN keeps, per sequence, rows `core[b]` of every neuron-major
 matrix: `[B, k, D]` (and `[B, k]` for OPT's fc1 bias), so each sequence of a
 batch decodes with its own core set. `layers` contracts these with a batched
-einsum; for B = 1 that reads the same bytes as a shared `[k, D]` matrix.
+einsum; for B = 1 that reads the same bytes as a shared `[k, D]` matrix, which
+a core set of shape `[k]` gathers (evaluation shares it across a context's
+choices). Rows are kept in ascending neuron order whatever the ranking: with
+k = F the compact FFN is the dense FFN itself, bit for bit.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ CoreIndices = Tuple[Optional[jax.Array], ...]   # per layer int32 [B, k], or Non
 
 
 def gather_ffn(ffn: FFNParams, core_BK: jax.Array) -> FFNParams:
+  """Rows `core` (int32 [B, k] or [k]) of every neuron-major weight."""
+  core_BK = jnp.sort(core_BK, axis=-1)
+
   def rows(w):
     return None if w is None else jnp.take(w, core_BK, axis=0)
   return FFNParams(up_FD=rows(ffn.up_FD), down_FD=rows(ffn.down_FD), gate_FD=rows(ffn.gate_FD),

@@ -87,3 +87,48 @@ def held_out(result: Dict, path: str, title: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def frontier(records, path: str, title: str) -> None:
+  """One panel per (task, metric): the metric against FFN bytes per decode
+  token (sparse over dense), one curve per method family, dense as a line."""
+  plt = _pyplot()
+  panels = []
+  for r in records:
+    for metric in r["metrics"]:
+      if (r["task"], metric) not in panels:
+        panels.append((r["task"], metric))
+  cols = min(4, len(panels))
+  rows = -(-len(panels) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+  families = list(dict.fromkeys(r["family"] for r in records if r["kind"] != "dense"))
+  colours = dict(zip(families, plt.cm.tab20(np.linspace(0, 1, max(len(families), 1)))))
+  for ax, (task, metric) in zip(axes.flat, panels):
+    here = [r for r in records if r["task"] == task and metric in r["metrics"]]
+    for r in here:
+      if r["kind"] == "dense":
+        ax.axhline(r["metrics"][metric], color="black", lw=1, ls="--", label="dense")
+    for family in families:
+      points = sorted((r["ffn_bytes_fraction"], r["metrics"][metric]) for r in here
+                      if r["family"] == family)
+      if points:
+        x, y = zip(*points)
+        ax.plot(x, y, marker="o", ms=3, lw=1, color=colours[family], label=family)
+    n = here[0]["n"] if here else 0
+    ax.set(xlabel="FFN bytes per decode token (fraction of dense)", ylabel=metric,
+           title=f"{task} (n={n})")
+    ax.title.set_fontsize(9)
+  for ax in list(axes.flat)[len(panels):]:
+    ax.axis("off")
+  handles, labels = axes.flat[0].get_legend_handles_labels()
+  for ax in axes.flat:
+    for h, l in zip(*ax.get_legend_handles_labels()):
+      if l not in labels:
+        handles.append(h)
+        labels.append(l)
+  fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7,
+             bbox_to_anchor=(0.5, 0))
+  fig.suptitle(title)
+  fig.tight_layout(rect=(0, 0.04 + 0.02 * (len(labels) // 4), 1, 1))
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -1,0 +1,252 @@
+"""Log-likelihood of continuations as sparse decoding would produce them.
+
+The evaluation trap (GUIDE §1): one dense forward pass over context +
+continuation never decodes, so it scores a prefill-dense method exactly like
+the dense model. Here, as in decoding:
+1. the context is prefilled densely (bucketed, left-padded), and that pass
+   selects each method's core neurons;
+2. the continuation's first token is scored by the prefill's last logits
+   (decoding samples it from those, dense);
+3. every later continuation token is scored by one teacher-forced pass over
+   the continuation with the context's KV cache and the method's compact FFNs
+   (rows gathered down to the core set), which equals step-by-step sparse
+   decoding of those tokens.
+
+One prefill serves every method: each method's selection runs inside it
+(`multi_selector`), sharing each layer's ranking statistics per scoring. A
+context's choices (multiple choice) are scored in one batch sharing the
+context's cache and compact FFNs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from coreinfer_jax import gather, model, selection, similarity
+from coreinfer_jax.artefacts import ClusterArtefacts
+from coreinfer_jax.cache import KVCache, init_cache
+from coreinfer_jax.config import ModelConfig
+from coreinfer_jax.core import CoreSpec
+from coreinfer_jax.generation import DEFAULT_BUCKETS, CompiledFunctions, left_pad, pick_bucket
+from coreinfer_jax.params import ModelParams
+
+CONTINUATION_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclasses.dataclass(eq=False)
+class Method:
+  """One decoding configuration: dense (`spec` None), stability-guided
+  (`spec`), or similarity-guided (`clusters`, whose spec is `spec`)."""
+  name: str
+  spec: Optional[CoreSpec] = None
+  clusters: Optional[ClusterArtefacts] = None
+  kind: str = "dense"          # dense | stability | similarity | beta_file
+  family: str = ""             # a curve of the frontier plot (the name without β)
+
+  @property
+  def selecting_spec(self) -> Optional[CoreSpec]:
+    """What the prefill must select for this method."""
+    if self.clusters is not None:
+      return similarity.prefill_spec(self.clusters)
+    return self.spec
+
+  def summary(self) -> dict:
+    record = {"method": self.name, "kind": self.kind, "family": self.family or self.name}
+    if self.spec is not None:
+      record.update(self.spec.summary())
+    return record
+
+
+def multi_selector(specs: Sequence[CoreSpec], relu: bool) -> model.CoreSelector:
+  """A selector returning, per layer, a tuple with each spec's core neurons
+  ([B, k] or None). The ranking keys are computed once per (scoring, α) and
+  sorted once for the largest k: a smaller k's set is a prefix of that order,
+  so each spec gets exactly what its own `selection.select_core` returns."""
+  def select(layer: int, values_BTF: jax.Array, real_BT: jax.Array):
+    ranked: Dict[Tuple[str, float], jax.Array] = {}
+    wanted: Dict[Tuple[str, float], int] = {}
+    for spec in specs:
+      if spec.layer_k[layer] is not None:
+        key = (spec.scoring, spec.alpha)
+        wanted[key] = max(wanted.get(key, 0), spec.layer_k[layer])
+    for (scoring, alpha), k in wanted.items():
+      keys = selection.core_statistics(values_BTF, real_BT, scoring=scoring, alpha=alpha, relu=relu)
+      ranked[(scoring, alpha)] = selection.rank_neurons(k, *keys)
+    return tuple(None if spec.layer_k[layer] is None
+                 else ranked[(spec.scoring, spec.alpha)][:, :spec.layer_k[layer]] for spec in specs)
+  return select
+
+
+def tile_cache(cache: KVCache, batch: int) -> KVCache:
+  """A batch-1 cache repeated for `batch` continuations of the same context."""
+  tile = lambda a: jnp.broadcast_to(a, (batch,) + a.shape[1:])
+  return cache.replace(k=tuple(map(tile, cache.k)), v=tuple(map(tile, cache.v)),
+                       start_B=tile(cache.start_B))
+
+
+def continuation_fn(config: ModelConfig, with_distribution: bool):
+  """(params, batch-1 cache, inputs int32 [C, T], targets int32 [C, T], reference
+  log-probabilities [C, T, V] or None) -> dict of per-token float32 [C, T]:
+  `logprob` of each target, `greedy` (target is the argmax), `kl` (KL of the
+  reference distribution to this one, when given), and with
+  `with_distribution` the log-probabilities `[C, T, V]` themselves."""
+  def score(params: ModelParams, cache: KVCache, inputs_CT, targets_CT, reference_CTV):
+    logits_CTV, _ = model.forward(params, config, tile_cache(cache, inputs_CT.shape[0]), inputs_CT)
+    logprobs_CTV = jax.nn.log_softmax(logits_CTV, axis=-1)
+    out = {"logprob": jnp.take_along_axis(logprobs_CTV, targets_CT[..., None], axis=-1)[..., 0],
+           "greedy": (jnp.argmax(logits_CTV, axis=-1) == targets_CT).astype(jnp.float32)}
+    if reference_CTV is not None:
+      out["kl"] = jnp.sum(jnp.exp(reference_CTV) * (reference_CTV - logprobs_CTV), axis=-1)
+    if with_distribution:
+      out["distribution"] = logprobs_CTV
+    return out
+  return score
+
+
+def prefill_fn(config: ModelConfig, cache_len: int, specs: Tuple[CoreSpec, ...]):
+  """(params, tokens [1, T], start [1]) -> (last-position log-probabilities
+  [1, V], cache, per spec a tuple of per-layer core neurons [1, k] or None)."""
+  select = multi_selector(specs, relu=not config.is_llama) if specs else None
+
+  def prefill(params: ModelParams, tokens_BT, start_B):
+    cache = init_cache(config, tokens_BT.shape[0], cache_len, start_B, params.embed_VE.dtype)
+    logits, cache, per_layer = model.forward_with_core(params, config, cache, tokens_BT, select,
+                                                       last_only=True)
+    per_spec = tuple(tuple(layer[s] if layer is not None else None for layer in per_layer)
+                     for s in range(len(specs)))
+    return jax.nn.log_softmax(logits[:, 0], axis=-1), cache, per_spec
+  return prefill
+
+
+@dataclasses.dataclass
+class ContinuationScores:
+  """One method's scores of a context's continuations (host arrays)."""
+  logprob_sums: np.ndarray       # float64 [C]: sum of the continuation's token log-probabilities
+  greedy: np.ndarray             # bool [C]: every token was the argmax
+  token_logprobs: List[np.ndarray]   # per continuation, float32 [n_c]
+  token_kl: Optional[List[np.ndarray]] = None   # per continuation, KL to dense per token [n_c]
+  cluster_id: Optional[int] = None
+
+
+class ContinuationScorer:
+  """Scores continuations of a context under several methods with one dense
+  prefill. Sizes are bucketed so that executables repeat: a context pads to a
+  bucket of `buckets`, continuations to one of `continuation_buckets`, and the
+  cache holds `cache_len` slots for every call."""
+
+  def __init__(self, config: ModelConfig, params: ModelParams, methods: Sequence[Method], *,
+               cache_len: int = 1024, buckets: Sequence[int] = DEFAULT_BUCKETS,
+               continuation_buckets: Sequence[int] = CONTINUATION_BUCKETS):
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+      raise ValueError(f"method names repeat: {names}")
+    self.config = config
+    self.params = params
+    self.methods = tuple(methods)
+    self.cache_len = cache_len
+    self.buckets = tuple(sorted(buckets))
+    self.continuation_buckets = tuple(sorted(continuation_buckets))
+    self.compiled = CompiledFunctions()
+    self._specs = tuple(m.selecting_spec for m in self.methods if m.selecting_spec is not None)
+    self._spec_index = {}
+    for m in self.methods:
+      if m.selecting_spec is not None:
+        self._spec_index[m.name] = len(self._spec_index)
+    self._prefill = prefill_fn(config, cache_len, self._specs)
+    self._score = continuation_fn(config, with_distribution=False)
+    self._score_with_distribution = continuation_fn(config, with_distribution=True)
+    self._cluster_ffns: Dict[Tuple[str, int], ModelParams] = {}
+    self.ffn_bytes_fraction: Dict[str, float] = {}
+
+  def _decode_params(self, method: Method, core: gather.CoreIndices) -> Tuple[ModelParams, Optional[int]]:
+    """The method's parameters with compact FFNs gathered from a batch-1 core set."""
+    if method.spec is None:
+      return self.params, None
+    cluster = None
+    if method.clusters is not None:
+      art = method.clusters
+      cluster = int(self.compiled("assign", similarity.nearest_cluster, jnp.asarray(art.centroids_CF),
+                                  core[art.cluster_layer])[0])
+      key = (method.name, cluster)
+      if key not in self._cluster_ffns:
+        sets = tuple(None if s is None else jnp.asarray(s[cluster]) for s in art.layer_sets)
+        self._cluster_ffns[key] = gather.with_compact_ffn(
+            self.params, self.compiled("gather", gather.gather_core, self.params, sets))
+      params = self._cluster_ffns[key]
+    else:
+      sets = tuple(None if c is None else c[0] for c in core)
+      params = gather.with_compact_ffn(
+          self.params, self.compiled("gather", gather.gather_core, self.params, sets))
+    if method.name not in self.ffn_bytes_fraction:
+      self.ffn_bytes_fraction[method.name] = gather.ffn_bytes_fraction(self.params, params)
+    return params, cluster
+
+  def _pick_continuation_bucket(self, length: int, room: int) -> int:
+    fits = [b for b in self.continuation_buckets if length <= b <= room]
+    if not fits:
+      raise ValueError(f"a continuation of {length} tokens does not fit the cache after the "
+                       f"context ({room} slots left of cache_len {self.cache_len})")
+    return fits[0]
+
+  def score(self, context_ids: Sequence[int], continuations: Sequence[Sequence[int]],
+            with_kl: bool = False) -> Dict[str, ContinuationScores]:
+    """Per method name, the scores of each continuation (token ids, at least
+    one each) after `context_ids`. `with_kl` also measures, per token, the KL
+    divergence of the dense model's next-token distribution to the method's
+    (the dense method is then always computed)."""
+    if not context_ids:
+      raise ValueError("a context must have at least one token")
+    if any(len(c) < 1 for c in continuations):
+      raise ValueError("every continuation must have at least one token")
+    longest = max(len(c) for c in continuations)
+    bucket = pick_bucket(len(context_ids), longest, self.cache_len, self.buckets)
+    tokens, start = left_pad([context_ids], bucket)
+    first_logprobs, cache, cores = self.compiled("prefill", self._prefill, self.params,
+                                                 jnp.asarray(tokens), jnp.asarray(start))
+    first_logprobs = np.asarray(first_logprobs[0])
+
+    C = len(continuations)
+    T = self._pick_continuation_bucket(max(longest - 1, 1), self.cache_len - bucket)
+    inputs = np.zeros((C, T), np.int32)
+    targets = np.zeros((C, T), np.int32)
+    for c, ids in enumerate(continuations):
+      inputs[c, :len(ids) - 1] = ids[:-1]
+      targets[c, :len(ids) - 1] = ids[1:]
+    inputs, targets = jnp.asarray(inputs), jnp.asarray(targets)
+    first = np.array([first_logprobs[ids[0]] for ids in continuations], np.float32)
+    first_greedy = np.array([ids[0] == int(np.argmax(first_logprobs)) for ids in continuations])
+
+    methods = list(self.methods)
+    reference = None
+    if with_kl:
+      dense = [m for m in methods if m.spec is None] or [Method("dense")]
+      methods = dense[:1] + [m for m in methods if m.spec is not None]
+    results = {}
+    for method in methods:
+      core = cores[self._spec_index[method.name]] if method.spec is not None else None
+      params, cluster = self._decode_params(method, core)
+      if with_kl and method.spec is None:
+        out = self.compiled("score_distribution", self._score_with_distribution, params, cache,
+                            inputs, targets, None)
+        reference = out.pop("distribution")
+      else:
+        out = self.compiled("score", self._score, params, cache, inputs, targets, reference)
+      out = jax.tree_util.tree_map(np.asarray, out)
+      token_logprobs, token_kl, greedy = [], [], []
+      for c, ids in enumerate(continuations):
+        n = len(ids) - 1
+        token_logprobs.append(np.concatenate([first[c:c + 1], out["logprob"][c, :n]]))
+        greedy.append(bool(first_greedy[c]) and bool(np.all(out["greedy"][c, :n] > 0)))
+        if with_kl:
+          kl = out["kl"][c, :n] if "kl" in out else np.zeros(n, np.float32)
+          token_kl.append(np.concatenate([np.zeros(1, np.float32), kl]))   # first token: dense
+      if method.name in {m.name for m in self.methods}:
+        results[method.name] = ContinuationScores(
+            np.array([lp.astype(np.float64).sum() for lp in token_logprobs]), np.array(greedy),
+            token_logprobs, token_kl if with_kl else None, cluster)
+    return results

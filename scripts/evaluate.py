@@ -1,0 +1,154 @@
+"""Quality under sparsity on real data: dense vs sparse methods, every task kind.
+
+  python scripts/evaluate.py --data_dir=../shared/data --tasks=wikitext,piqa \
+      --methods=dense,stability --betas=0.8,0.6,0.4 --scorings=signed,magnitude \
+      --layer_sets=paper,all --limit=500 --json_out=out/eval.json --plot=out/eval.png
+
+Log-likelihood tasks score continuations as decoding would (the context is
+prefilled densely and chooses the core neurons; the continuation runs on the
+compact FFNs over the context's cache): see coreinfer_jax/scoring.py.
+Writes a JSON of every number with its n and settings, a Markdown table
+(`--markdown_out`, default beside the JSON) and the frontier plot (`--plot`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags
+
+from coreinfer_jax import cli, evaluation, plots, tasks
+from coreinfer_jax.generation import Generator
+from coreinfer_jax.scoring import ContinuationScorer, Method
+
+cli.define_model_flags()
+flags.DEFINE_list("tasks", ["wikitext", "piqa"], f"tasks: {', '.join(tasks.TASKS)}")
+flags.DEFINE_list("methods", ["dense", "stability"], f"methods: {', '.join(cli.METHODS)} "
+                  "(with --beta_file, its per-layer budgets are evaluated too)")
+flags.DEFINE_list("betas", ["0.8", "0.6", "0.4"], "stability: kept fractions β")
+flags.DEFINE_list("scorings", ["signed"], "stability and --beta_file: core-neuron scorings")
+flags.DEFINE_list("layer_sets", ["paper"], "stability: sparsified layer sets, each 'paper', "
+                  "'all' or 'A:B'")
+flags.DEFINE_float("alpha", 0.2, "token-wise core fraction (signed, magnitude scorings)")
+flags.DEFINE_string("beta_file", None, "per-layer β file (scripts/calibrate.py)")
+flags.DEFINE_string("cluster_dir", None, "similarity: the folder scripts/cluster.py wrote")
+flags.DEFINE_string("data_dir", None, "the shared data folder (see its SOURCES.md)")
+flags.DEFINE_integer("limit", None, "examples per multiple-choice and generation task")
+flags.DEFINE_integer("generation_limit", None, "examples per generation task (default: --limit)")
+flags.DEFINE_integer("num_fewshot", 0, "few-shot examples (taken from the end of each file)")
+flags.DEFINE_integer("windows", 8, "wikitext: number of windows")
+flags.DEFINE_integer("window_context", 256, "wikitext: context tokens per window (dense prefill)")
+flags.DEFINE_integer("window_continuation", 256, "wikitext: continuation tokens per window (scored)")
+flags.DEFINE_integer("batch_size", 8, "generation: prompts per batch")
+flags.DEFINE_string("json_out", None, "JSON of every result")
+flags.DEFINE_string("markdown_out", None, "Markdown table (default: the JSON's path with .md)")
+flags.DEFINE_string("plot", None, "PNG of each metric against FFN bytes (the frontier)")
+flags.DEFINE_bool("progress", True, "progress bars")
+FLAGS = flags.FLAGS
+
+
+def file_sha256(path: str) -> str:
+  with open(path, "rb") as fh:
+    return hashlib.sha256(fh.read()).hexdigest()
+
+
+def check_calibration_disjoint(beta_file: str, data_dir: str) -> None:
+  """Calibrated budgets must not be evaluated on their own calibration text."""
+  with open(beta_file) as fh:
+    record = json.load(fh)
+  calibration = record.get("calibration", {}) if isinstance(record, dict) else {}
+  wikitext = os.path.join(data_dir, "wikitext2_raw", "wiki.test.raw")
+  if calibration.get("sha256") and os.path.exists(wikitext) and \
+     calibration["sha256"] == file_sha256(wikitext):
+    raise ValueError(f"{beta_file} was calibrated on {wikitext}, the text wikitext evaluates: "
+                     "calibrate on other text (e.g. WikiText-2 validation)")
+
+
+def build_methods(config, fingerprint):
+  unknown = [m for m in FLAGS.methods if m not in cli.METHODS]
+  if unknown:
+    raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(cli.METHODS)}")
+  methods = []
+  if "dense" in FLAGS.methods:
+    methods.append(Method("dense", family="dense"))
+  if "stability" in FLAGS.methods:
+    methods += evaluation.stability_methods(config, FLAGS.scorings, [float(b) for b in FLAGS.betas],
+                                            FLAGS.layer_sets, FLAGS.alpha)
+  if FLAGS.beta_file:
+    label = "beta_file:" + os.path.splitext(os.path.basename(FLAGS.beta_file))[0]
+    methods += evaluation.beta_file_methods(config, FLAGS.beta_file, label, FLAGS.scorings,
+                                            FLAGS.alpha)
+  if "similarity" in FLAGS.methods:
+    art = cli.clusters_for("similarity", FLAGS.cluster_dir, config, None, fingerprint)
+    methods.append(Method("similarity", art.spec, art, kind="similarity", family="similarity"))
+  elif FLAGS.cluster_dir:
+    raise ValueError("--cluster_dir is only used with --methods=...,similarity")
+  if not methods:
+    raise ValueError("no method to evaluate")
+  return methods
+
+
+def main(argv):
+  del argv
+  if not FLAGS.data_dir:
+    raise ValueError("--data_dir is required (the shared data folder)")
+  chosen = [tasks.get_task(name) for name in FLAGS.tasks]
+  if FLAGS.beta_file and any(t.name == "wikitext" for t in chosen):
+    check_calibration_disjoint(FLAGS.beta_file, FLAGS.data_dir)
+  config = cli.model_config(FLAGS.model)
+  fingerprint = cli.model_fingerprint(FLAGS.model)
+  methods = build_methods(config, fingerprint)
+  m, load_seconds = cli.load(FLAGS.model, cli.resolve_dtype(FLAGS.dtype))
+  scorer = ContinuationScorer(m.config, m.params, methods, cache_len=FLAGS.cache_len)
+  t0 = time.perf_counter()
+  results = []
+  generators = {}
+  for task in chosen:
+    if task.kind == "perplexity":
+      ids = m.tokenizer(tasks.wikitext_text(FLAGS.data_dir))["input_ids"]
+      windows = tasks.token_windows(ids, FLAGS.window_context, FLAGS.window_continuation,
+                                    FLAGS.windows)
+      results += evaluation.evaluate_perplexity(scorer, windows, task.name, FLAGS.progress)
+    elif task.kind == "multiple_choice":
+      examples = tasks.load_examples(task, FLAGS.data_dir, FLAGS.limit, FLAGS.num_fewshot)
+      results += evaluation.evaluate_choices(scorer, m.tokenizer, examples, task.name, FLAGS.progress)
+    else:
+      examples = tasks.load_examples(task, FLAGS.data_dir, FLAGS.generation_limit or FLAGS.limit,
+                                     FLAGS.num_fewshot)
+      for method in methods:
+        if method.name not in generators:
+          generators[method.name] = Generator(m.config, m.params, m.tokenizer,
+                                              cache_len=FLAGS.cache_len,
+                                              core=None if method.clusters else method.spec,
+                                              clusters=method.clusters)
+      results += evaluation.evaluate_generation(generators, methods, task, examples,
+                                                FLAGS.batch_size, m.params, FLAGS.progress)
+    partial = [r.record() for r in results]
+    cli.write_json(FLAGS.json_out, {"settings": settings(fingerprint, load_seconds, t0),
+                                    "results": partial})
+  records = [r.record() for r in results]
+  table = evaluation.markdown_table(records)
+  print(table)
+  if FLAGS.json_out:
+    with open(FLAGS.markdown_out or os.path.splitext(FLAGS.json_out)[0] + ".md", "w") as fh:
+      fh.write(table)
+  if FLAGS.plot:
+    plots.frontier(records, FLAGS.plot, f"{os.path.basename(m.path)}: quality vs FFN bytes")
+
+
+def settings(fingerprint, load_seconds, t0):
+  names = ["model", "tasks", "methods", "betas", "scorings", "layer_sets", "alpha", "beta_file",
+           "cluster_dir", "data_dir", "limit", "generation_limit", "num_fewshot", "windows",
+           "window_context", "window_continuation", "batch_size", "cache_len", "dtype"]
+  return dict({n: FLAGS[n].value for n in names}, fingerprint=fingerprint,
+              load_seconds=load_seconds, eval_seconds=time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+  app.run(cli.run_main(main))

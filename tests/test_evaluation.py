@@ -1,0 +1,125 @@
+"""Evaluation under sparsity: continuations scored as decoding runs, β = 1
+equals dense on every task kind, β < 1 differs (no dense-prefill trap)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from coreinfer_jax import evaluation, loading, model, tasks
+from coreinfer_jax.cache import init_cache
+from coreinfer_jax.core import core_spec
+from coreinfer_jax.generation import Generator
+from coreinfer_jax.scoring import ContinuationScorer, Method
+from tests.conftest import make_tiny_hf_model, random_prompts
+
+
+@pytest.fixture(scope="module", params=["llama_tied", "opt_pre_ln"])
+def tiny(request, tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp(request.param + "_eval"))
+  make_tiny_hf_model(request.param).save_pretrained(folder)
+  return loading.load_model(folder, with_tokenizer=False)
+
+
+def _stability(m, beta, scoring="signed", layers="all"):
+  spec = core_spec(m.config.num_layers, m.config.intermediate_size, beta=beta, scoring=scoring,
+                   sparse_layers=layers)
+  return Method(f"stability/{scoring}/{beta}", spec, kind="stability")
+
+
+def _step_by_step_logprobs(m, spec, context, continuation):
+  """Log-probabilities of `continuation` as greedy-free sparse decoding would
+  assign them: the first from the dense prefill's last logits, every later one
+  from a one-token decode step on the Generator's gathered FFNs."""
+  g = Generator(m.config, m.params, cache_len=64, core=spec)
+  state = g.prefill(m.params, [context], len(continuation))
+  cache = init_cache(m.config, 1, 64, jnp.zeros((1,), jnp.int32), m.params.embed_VE.dtype)
+  dense_logits, _ = model.forward(m.params, m.config, cache, jnp.asarray([context]), last_only=True)
+  out = [jax.nn.log_softmax(dense_logits[0, 0])[continuation[0]]]
+  cache = state.cache
+  for previous, token in zip(continuation[:-1], continuation[1:]):
+    logits, cache = model.forward(state.decode_params, m.config, cache, jnp.asarray([[previous]]))
+    out.append(jax.nn.log_softmax(logits[0, 0])[token])
+  return np.asarray(out)
+
+
+@pytest.mark.parametrize("scoring", ["signed", "griffin"])
+def test_sparse_continuation_equals_step_by_step_sparse_decode(tiny, scoring):
+  context, continuation, other = random_prompts([13, 9, 5], seed=3)
+  sparse = _stability(tiny, 0.4, scoring)
+  scorer = ContinuationScorer(tiny.config, tiny.params, [Method("dense"), sparse], cache_len=64,
+                              buckets=(16, 32), continuation_buckets=(8, 16))
+  scores = scorer.score(context, [continuation, other])
+  expected = _step_by_step_logprobs(tiny, sparse.spec, context, continuation)
+  got = scores[sparse.name]
+  np.testing.assert_allclose(got.token_logprobs[0], expected, rtol=1e-4, atol=1e-4)
+  assert got.logprob_sums[0] == pytest.approx(expected.sum(), abs=1e-3)
+  # The trap is avoided: the same tokens score differently under the dense model.
+  assert abs(scores["dense"].logprob_sums[0] - got.logprob_sums[0]) > 1e-3
+  # ... except the first, which decoding takes from the dense prefill.
+  assert scores["dense"].token_logprobs[0][0] == got.token_logprobs[0][0]
+
+
+def test_choices_are_scored_as_if_each_were_alone(tiny):
+  context, a, b, c = random_prompts([11, 3, 12, 6], seed=5)
+  sparse = _stability(tiny, 0.5)
+  scorer = ContinuationScorer(tiny.config, tiny.params, [sparse], cache_len=64, buckets=(16,),
+                              continuation_buckets=(4, 16))
+  together = scorer.score(context, [a, b, c])[sparse.name].logprob_sums
+  alone = [scorer.score(context, [x])[sparse.name].logprob_sums[0] for x in (a, b, c)]
+  np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_beta_one_equals_dense_and_beta_below_one_differs_on_log_likelihood_tasks(tiny):
+  methods = [Method("dense"), _stability(tiny, 1.0), _stability(tiny, 1.0, "griffin", "0:2"),
+             _stability(tiny, 0.5)]
+  scorer = ContinuationScorer(tiny.config, tiny.params, methods, cache_len=64, buckets=(16, 32),
+                              continuation_buckets=(16, 32))
+  tokens = sum(random_prompts([40, 40], seed=9), [])
+  windows = tasks.token_windows(tokens, 12, 20, count=2)
+  ppl = {r.method.name: r for r in evaluation.evaluate_perplexity(scorer, windows, progress=False)}
+  context, *choices = random_prompts([10, 4, 7, 2], seed=2)
+  mc = scorer.score(context, choices)
+  for beta_one in methods[1:3]:
+    assert ppl[beta_one.name].metrics == ppl["dense"].metrics      # exactly, KL exactly 0
+    assert ppl[beta_one.name].ffn_bytes_fraction == 1.0
+    for x, y in zip(mc[beta_one.name].token_logprobs, mc["dense"].token_logprobs):
+      np.testing.assert_array_equal(x, y)
+  sparse = ppl[methods[3].name]
+  assert sparse.metrics["perplexity"] != ppl["dense"].metrics["perplexity"]
+  assert sparse.metrics["kl"] > 0 and sparse.ffn_bytes_fraction == pytest.approx(0.5, abs=0.02)
+  assert not np.array_equal(mc[methods[3].name].logprob_sums, mc["dense"].logprob_sums)
+
+
+def test_beta_one_equals_dense_and_beta_below_one_differs_on_generation(tiny):
+  prompts = random_prompts([9, 14, 5], seed=11)
+  dense = Generator(tiny.config, tiny.params, cache_len=64)
+  full = Generator(tiny.config, tiny.params, cache_len=64, core=_stability(tiny, 1.0).spec)
+  half = Generator(tiny.config, tiny.params, cache_len=64, core=_stability(tiny, 0.3).spec)
+  expected = [r.token_ids for r in dense.generate_ids(prompts, 12)[0]]
+  assert [r.token_ids for r in full.generate_ids(prompts, 12)[0]] == expected
+  assert [r.token_ids for r in half.generate_ids(prompts, 12)[0]] != expected
+
+
+def test_scorer_compiles_once_per_shape(tiny):
+  sparse = [_stability(tiny, 0.5), _stability(tiny, 0.5, "magnitude"), _stability(tiny, 0.25)]
+  scorer = ContinuationScorer(tiny.config, tiny.params, [Method("dense")] + sparse, cache_len=64,
+                              buckets=(16,), continuation_buckets=(8,))
+  for seed in range(4):
+    context, a, b = random_prompts([5 + seed, 3 + seed, 6], seed=seed)
+    scorer.score(context, [a, b])
+  # One prefill; one gather and one scoring pass per parameter shape (dense,
+  # k = F/2 shared by two scorings, k = F/4); nothing recompiles per context.
+  assert scorer.compiled.compiles == {"prefill": 1, "gather": 2, "score": 3}
+
+
+def test_scorer_errors(tiny):
+  scorer = ContinuationScorer(tiny.config, tiny.params, [Method("dense")], cache_len=32,
+                              buckets=(16,), continuation_buckets=(8,))
+  with pytest.raises(ValueError, match="at least one token"):
+    scorer.score([3, 4], [[5], []])
+  with pytest.raises(ValueError, match="does not fit"):
+    scorer.score([3, 4], [list(range(3, 40))])
+  with pytest.raises(ValueError, match="repeat"):
+    ContinuationScorer(tiny.config, tiny.params, [Method("dense"), Method("dense")])
