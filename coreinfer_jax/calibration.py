@@ -1,0 +1,218 @@
+"""Per-layer β calibrated on data: measure each layer's sensitivity, allocate budgets.
+
+1. `measure_sensitivity`: on calibration windows (context prefilled densely,
+   continuation scored as decoding would, as in `scoring`), sparsify one layer
+   alone at each β of a grid and record the increase of the continuation's
+   mean negative log-likelihood (`nll`, log of the perplexity ratio) and the
+   mean KL divergence to the dense model (`kl`). One dense prefill per window
+   selects every β's core set; dropping neurons is done by zeroing their
+   rows of the down projection (exactly h[i] = 0, GUIDE §1), so every
+   (layer, β) runs one executable of dense shapes.
+2. `allocate`: losses are taken as additive over layers, made non-increasing in
+   β and interpolated linearly between measured β (loss 0 at β = 1); an exact
+   dynamic programme over β in steps of 1/`steps` then minimises the predicted
+   loss under a mean-FFN-fraction budget, or finds the smallest budget whose
+   predicted loss stays within a bound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from coreinfer_jax.config import ModelConfig
+from coreinfer_jax.core import core_spec, num_core_neurons
+from coreinfer_jax.generation import CompiledFunctions, left_pad
+from coreinfer_jax.params import ModelParams
+from coreinfer_jax.scoring import continuation_fn, prefill_fn
+from coreinfer_jax.tasks import Window
+
+LOSSES = ("nll", "kl")
+
+
+def with_neuron_masks(params: ModelParams, keep: Tuple[jax.Array, ...]) -> ModelParams:
+  """`params` whose FFN neuron i of layer l contributes nothing where
+  keep[l][i] == 0: row i of the down projection is zeroed (h[i] · 0 = 0)."""
+  layers = tuple(layer.replace(ffn=layer.ffn.replace(
+      down_FD=layer.ffn.down_FD * keep_F[:, None].astype(layer.ffn.down_FD.dtype)))
+      for layer, keep_F in zip(params.layers, keep))
+  return params.replace(layers=layers)
+
+
+@dataclasses.dataclass
+class Sensitivity:
+  """Per (layer, β): mean increase of the continuation NLL and mean KL to dense."""
+  betas: Tuple[float, ...]
+  layers: Tuple[int, ...]
+  nll_LB: np.ndarray          # float64 [len(layers), len(betas)]
+  kl_LB: np.ndarray
+  dense_nll: float            # mean NLL per continuation token, dense
+  tokens: int
+
+  def loss(self, kind: str) -> np.ndarray:
+    if kind not in LOSSES:
+      raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
+    return self.nll_LB if kind == "nll" else self.kl_LB
+
+  @classmethod
+  def from_record(cls, r: dict) -> "Sensitivity":
+    return cls(tuple(r["betas"]), tuple(r["layers"]), np.asarray(r["nll"]), np.asarray(r["kl"]),
+               r["dense_nll"], r["tokens"])
+
+  def record(self) -> dict:
+    return {"betas": list(self.betas), "layers": list(self.layers), "nll": self.nll_LB.tolist(),
+            "kl": self.kl_LB.tolist(), "dense_nll": self.dense_nll, "tokens": self.tokens}
+
+
+def measure_sensitivity(config: ModelConfig, params: ModelParams, windows: Sequence[Window], *,
+                        betas: Sequence[float], scoring: str, alpha: float,
+                        layers: Optional[Sequence[int]] = None, progress: bool = True) -> Sensitivity:
+  L, F = config.num_layers, config.intermediate_size
+  layers = tuple(range(L)) if layers is None else tuple(layers)
+  specs = tuple(core_spec(L, F, beta=b, alpha=alpha, scoring=scoring, sparse_layers="all")
+                for b in betas)
+  context_len = max(len(w.context) for w in windows)
+  continuation_len = max(len(w.continuation) for w in windows)
+  prefill = prefill_fn(config, context_len + continuation_len, specs)
+  score = continuation_fn(config, with_distribution=True)
+  compiled = CompiledFunctions()
+
+  def run(keep, cache, inputs, targets, reference):
+    masked = compiled("mask", with_neuron_masks, params, keep)
+    return compiled("score", score, masked, cache, inputs, targets, reference)
+
+  ones = tuple(jnp.ones((F,), jnp.float32) for _ in range(L))
+  nll = np.zeros((len(layers), len(betas)))
+  kl = np.zeros((len(layers), len(betas)))
+  dense_nll, tokens = 0.0, 0
+  for w in tqdm(windows, desc="calibration windows", disable=not progress):
+    tokens_BT, start_B = left_pad([w.context], context_len)
+    first_logprobs, cache, cores = compiled("prefill", prefill, params, jnp.asarray(tokens_BT),
+                                            jnp.asarray(start_B))
+    ids = np.asarray(w.continuation, np.int32)
+    inputs, targets = jnp.asarray(ids[None, :-1]), jnp.asarray(ids[None, 1:])
+    first = float(first_logprobs[0, ids[0]])   # dense in every case (decoding's first token)
+    dense = run(ones, cache, inputs, targets, None)
+    reference = dense["distribution"]
+    base = -(first + float(jnp.sum(dense["logprob"])))
+    dense_nll += base
+    tokens += len(ids)
+    for i, layer in enumerate(layers):
+      for j in range(len(betas)):
+        keep = list(ones)
+        keep[layer] = jnp.zeros((F,), jnp.float32).at[cores[j][layer][0]].set(1.0)
+        out = run(tuple(keep), cache, inputs, targets, reference)
+        nll[i, j] += -(first + float(jnp.sum(out["logprob"]))) - base
+        kl[i, j] += float(jnp.sum(out["kl"]))
+  return Sensitivity(tuple(betas), layers, nll / tokens, kl / tokens, dense_nll / tokens, tokens)
+
+
+def loss_curves(sens: Sensitivity, kind: str, steps: int) -> np.ndarray:
+  """float64 [layers, steps + 1]: predicted loss at β = u / steps, u = 0..steps
+  (inf below the smallest measured β), non-increasing in β, 0 at β = 1."""
+  measured = np.maximum(sens.loss(kind), 0.0)
+  # A layer's loss cannot grow as it keeps more neurons: running max from β = 1 down.
+  measured = np.maximum.accumulate(measured[:, ::-1], axis=1)[:, ::-1]
+  xs = np.append(np.asarray(sens.betas, np.float64), 1.0)
+  order = np.argsort(xs)
+  grid = np.arange(steps + 1) / steps
+  curves = np.full((len(sens.layers), steps + 1), np.inf)
+  usable = grid >= xs.min() - 1e-9
+  for i in range(len(sens.layers)):
+    ys = np.append(measured[i], 0.0)
+    curves[i, usable] = np.interp(grid[usable], xs[order], ys[order])
+  return curves
+
+
+def _dynamic_programme(curves: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+  """(best loss [total units + 1], choice [layers, total units + 1]): the least
+  summed loss at each exact total of β units, and each layer's units there."""
+  n_layers, options = curves.shape
+  total = (options - 1) * n_layers
+  best = np.full(total + 1, np.inf)
+  best[0] = 0.0
+  choice = np.zeros((n_layers, total + 1), np.int64)
+  for i in range(n_layers):
+    new = np.full(total + 1, np.inf)
+    for u in range(options):
+      if not np.isfinite(curves[i, u]):
+        continue
+      candidate = np.full(total + 1, np.inf)
+      candidate[u:] = best[:total + 1 - u] + curves[i, u]
+      better = candidate < new
+      new[better] = candidate[better]
+      choice[i, better] = u
+    best = new
+  return best, choice
+
+
+def _backtrack(choice: np.ndarray, units: int) -> List[int]:
+  per_layer = []
+  for i in range(choice.shape[0] - 1, -1, -1):
+    u = int(choice[i, units])
+    per_layer.append(u)
+    units -= u
+  return per_layer[::-1]
+
+
+@dataclasses.dataclass
+class Allocation:
+  layer_beta: Tuple[Optional[float], ...]   # per model layer; None: dense
+  predicted_loss: float
+  ffn_fraction: float                         # mean kept FFN rows over all layers
+
+
+def ffn_fraction(layer_beta: Sequence[Optional[float]], num_neurons: int) -> float:
+  """Kept FFN rows over all rows (every layer has `num_neurons`)."""
+  kept = [num_neurons if b is None else num_core_neurons(b, num_neurons) for b in layer_beta]
+  return sum(kept) / (num_neurons * len(kept))
+
+
+def allocate(sens: Sensitivity, num_layers: int, num_neurons: int, *, kind: str = "nll",
+             target_ffn_fraction: Optional[float] = None, max_loss: Optional[float] = None,
+             steps: int = 20) -> Allocation:
+  """Per-layer β minimising the predicted loss with mean FFN fraction at most
+  `target_ffn_fraction`, or the smallest fraction whose predicted loss is at
+  most `max_loss` (for `nll`: the relative perplexity increase, 0.05 = 5%;
+  for `kl`: nats per token). Layers not measured stay dense."""
+  if (target_ffn_fraction is None) == (max_loss is None):
+    raise ValueError("give exactly one of target_ffn_fraction and max_loss")
+  curves = loss_curves(sens, kind, steps)
+  best, choice = _dynamic_programme(curves)
+  dense_units = steps * (num_layers - len(sens.layers))   # unmeasured layers: β = 1
+
+  def allocation(units: int) -> Allocation:
+    betas: List[Optional[float]] = [None] * num_layers
+    for layer, u in zip(sens.layers, _backtrack(choice, units)):
+      betas[layer] = None if u == steps else u / steps
+    return Allocation(tuple(betas), float(best[units]), ffn_fraction(betas, num_neurons))
+
+  feasible = np.flatnonzero(np.isfinite(best))
+  if target_ffn_fraction is not None:
+    if not 0 < target_ffn_fraction <= 1:
+      raise ValueError(f"target_ffn_fraction must be in (0, 1], got {target_ffn_fraction}")
+    limit = math.floor(target_ffn_fraction * steps * num_layers + 1e-9) - dense_units
+    for units_cap in range(limit, -1, -1):   # rounding k up can overshoot: tighten and retry
+      within = feasible[feasible <= units_cap]
+      if not len(within):
+        break
+      # The least loss; among equal losses the largest budget (more neurons kept).
+      least = best[within].min()
+      result = allocation(int(within[best[within] <= least + 1e-15].max()))
+      if result.ffn_fraction <= target_ffn_fraction + 1e-12:
+        return result
+    smallest = min(sens.betas)
+    raise ValueError(f"target_ffn_fraction {target_ffn_fraction} is below what the measured β "
+                     f"grid allows (smallest β {smallest} in {len(sens.layers)} of {num_layers} "
+                     "layers)")
+  if max_loss <= 0:
+    raise ValueError(f"max_loss must be positive, got {max_loss}")
+  bound = math.log1p(max_loss) if kind == "nll" else max_loss
+  within = feasible[best[feasible] <= bound + 1e-12]
+  return allocation(int(within.min()))   # never empty: all dense has loss 0
