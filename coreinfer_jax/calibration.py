@@ -5,9 +5,9 @@
    alone at each β of a grid and record the increase of the continuation's
    mean negative log-likelihood (`nll`, log of the perplexity ratio) and the
    mean KL divergence to the dense model (`kl`). One dense prefill per window
-   selects every β's core set; dropping neurons is done by zeroing their
-   rows of the down projection (exactly h[i] = 0, GUIDE §1), so every
-   (layer, β) runs one executable of dense shapes.
+   selects every β's core set; the (layer, β) cases run as rows of one
+   batch that drop each row's non-core neurons (h[i] = 0, GUIDE §1), all
+   through one executable of dense shapes.
 2. `allocate`: losses are taken as additive over layers, made non-increasing in
    β and interpolated linearly between measured β (loss 0 at β = 1); an exact
    dynamic programme over β in steps of 1/`steps` then minimises the predicted
@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -30,19 +31,10 @@ from coreinfer_jax.config import ModelConfig
 from coreinfer_jax.core import core_spec, num_core_neurons
 from coreinfer_jax.generation import CompiledFunctions, left_pad
 from coreinfer_jax.params import ModelParams
-from coreinfer_jax.scoring import continuation_fn, prefill_fn
+from coreinfer_jax.scoring import continuation_fn, keep_masks, prefill_fn
 from coreinfer_jax.tasks import Window
 
 LOSSES = ("nll", "kl")
-
-
-def with_neuron_masks(params: ModelParams, keep: Tuple[jax.Array, ...]) -> ModelParams:
-  """`params` whose FFN neuron i of layer l contributes nothing where
-  keep[l][i] == 0: row i of the down projection is zeroed (h[i] · 0 = 0)."""
-  layers = tuple(layer.replace(ffn=layer.ffn.replace(
-      down_FD=layer.ffn.down_FD * keep_F[:, None].astype(layer.ffn.down_FD.dtype)))
-      for layer, keep_F in zip(params.layers, keep))
-  return params.replace(layers=layers)
 
 
 @dataclasses.dataclass
@@ -72,7 +64,10 @@ class Sensitivity:
 
 def measure_sensitivity(config: ModelConfig, params: ModelParams, windows: Sequence[Window], *,
                         betas: Sequence[float], scoring: str, alpha: float,
-                        layers: Optional[Sequence[int]] = None, progress: bool = True) -> Sensitivity:
+                        layers: Optional[Sequence[int]] = None, rows_per_pass: int = 8,
+                        progress: bool = True) -> Sensitivity:
+  """Each (layer, β) of `layers` × `betas`, that layer alone sparsified, scored
+  against the dense model on every window; `rows_per_pass` of them per batch."""
   L, F = config.num_layers, config.intermediate_size
   layers = tuple(range(L)) if layers is None else tuple(layers)
   specs = tuple(core_spec(L, F, beta=b, alpha=alpha, scoring=scoring, sparse_layers="all")
@@ -80,14 +75,12 @@ def measure_sensitivity(config: ModelConfig, params: ModelParams, windows: Seque
   context_len = max(len(w.context) for w in windows)
   continuation_len = max(len(w.continuation) for w in windows)
   prefill = prefill_fn(config, context_len + continuation_len, specs)
-  score = continuation_fn(config, with_distribution=True)
+  score = continuation_fn(config, reference=0)
+  masks = functools.partial(keep_masks, F)
   compiled = CompiledFunctions()
+  cases = [(i, j) for i in range(len(layers)) for j in range(len(betas))]
+  dense_core = tuple(None for _ in range(L))
 
-  def run(keep, cache, inputs, targets, reference):
-    masked = compiled("mask", with_neuron_masks, params, keep)
-    return compiled("score", score, masked, cache, inputs, targets, reference)
-
-  ones = tuple(jnp.ones((F,), jnp.float32) for _ in range(L))
   nll = np.zeros((len(layers), len(betas)))
   kl = np.zeros((len(layers), len(betas)))
   dense_nll, tokens = 0.0, 0
@@ -98,18 +91,22 @@ def measure_sensitivity(config: ModelConfig, params: ModelParams, windows: Seque
     ids = np.asarray(w.continuation, np.int32)
     inputs, targets = jnp.asarray(ids[None, :-1]), jnp.asarray(ids[None, 1:])
     first = float(first_logprobs[0, ids[0]])   # dense in every case (decoding's first token)
-    dense = run(ones, cache, inputs, targets, None)
-    reference = dense["distribution"]
-    base = -(first + float(jnp.sum(dense["logprob"])))
+    base = None
+    for chunk in range(0, len(cases), rows_per_pass):
+      group = cases[chunk:chunk + rows_per_pass]
+      group = group + [group[-1]] * (rows_per_pass - len(group))   # same shapes every pass
+      core = [dense_core] + [tuple(cores[j][layer][0] if layer == layers[i] else None
+                                   for layer in range(L)) for i, j in group]
+      out = compiled("score", score, params, cache, inputs, targets,
+                     compiled("masks", masks, tuple(core)))
+      row_nll = -(first + np.asarray(out["logprob"], np.float64).sum(axis=(1, 2)))
+      row_kl = np.asarray(out["kl"], np.float64).sum(axis=(1, 2))
+      base = row_nll[0]
+      for r, (i, j) in enumerate(group[:len(cases[chunk:chunk + rows_per_pass])]):
+        nll[i, j] += row_nll[r + 1] - base
+        kl[i, j] += row_kl[r + 1]
     dense_nll += base
     tokens += len(ids)
-    for i, layer in enumerate(layers):
-      for j in range(len(betas)):
-        keep = list(ones)
-        keep[layer] = jnp.zeros((F,), jnp.float32).at[cores[j][layer][0]].set(1.0)
-        out = run(tuple(keep), cache, inputs, targets, reference)
-        nll[i, j] += -(first + float(jnp.sum(out["logprob"]))) - base
-        kl[i, j] += float(jnp.sum(out["kl"]))
   return Sensitivity(tuple(betas), layers, nll / tokens, kl / tokens, dense_nll / tokens, tokens)
 
 

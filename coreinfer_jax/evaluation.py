@@ -86,10 +86,6 @@ class Result:
                 ffn_bytes_fraction=self.ffn_bytes_fraction, **self.extra)
 
 
-def _fraction(scorer: ContinuationScorer, method: Method) -> float:
-  return scorer.ffn_bytes_fraction.get(method.name, spec_ffn_bytes_fraction(scorer.params, method.spec))
-
-
 def evaluate_perplexity(scorer: ContinuationScorer, windows: Sequence[tasks.Window], task: str = "wikitext",
                         progress: bool = True) -> List[Result]:
   """Per-token perplexity of the continuations and mean KL to dense per token."""
@@ -103,7 +99,7 @@ def evaluate_perplexity(scorer: ContinuationScorer, windows: Sequence[tasks.Wind
       kl[name] += float(s.token_kl[0].astype(np.float64).sum())
     count += len(w.continuation)
   return [Result(task, m, {"perplexity": math.exp(nll[m.name] / count), "kl": kl[m.name] / count},
-                 len(windows), _fraction(scorer, m), {"tokens": count}) for m in scorer.methods]
+                 len(windows), spec_ffn_bytes_fraction(scorer.params, m.spec), {"tokens": count}) for m in scorer.methods]
 
 
 def evaluate_choices(scorer: ContinuationScorer, tokenizer, examples: Sequence[tasks.ChoiceExample],
@@ -116,7 +112,7 @@ def evaluate_choices(scorer: ContinuationScorer, tokenizer, examples: Sequence[t
     for name, s in scores.items():
       per_example[name].append(metrics.multiple_choice(s.logprob_sums, e.choices, e.gold))
   return [Result(task, m, metrics.mean_metrics(per_example[m.name]), len(examples),
-                 _fraction(scorer, m)) for m in scorer.methods]
+                 spec_ffn_bytes_fraction(scorer.params, m.spec)) for m in scorer.methods]
 
 
 def generation_metrics(task: tasks.Task, examples: Sequence[tasks.GenerationExample],

@@ -42,9 +42,11 @@ CoreSelector = Callable[[int, jax.Array, jax.Array], Optional[jax.Array]]
 
 def layer_forward(p: LayerParams, config: ModelConfig, x_BTD: jax.Array, positions_BT: jax.Array,
                   k_cache: jax.Array, v_cache: jax.Array, write_slot: jax.Array, start_B: jax.Array,
-                  select_core: Optional[Callable] = None):
+                  select_core: Optional[Callable] = None, keep_BF: Optional[jax.Array] = None):
   """One decoder block. Returns (x, k_cache, v_cache, core neurons or None);
-  `select_core(values [B, T, F]) -> [B, k]` sees the FFN's neuron values."""
+  `select_core(values [B, T, F]) -> [B, k]` sees the FFN's neuron values;
+  `keep_BF` (float [B, F], 1 keep / 0 drop) drops each sequence's other
+  neurons (h[i] = 0), the dense-shaped equivalent of a gathered FFN."""
   eps = config.norm_eps
   attn_in = layers.norm(p.attn_norm, x_BTD, eps) if config.pre_norm else x_BTD
   attn_out, k_cache, v_cache = layers.attention(
@@ -55,7 +57,10 @@ def layer_forward(p: LayerParams, config: ModelConfig, x_BTD: jax.Array, positio
   ffn_in = layers.norm(p.ffn_norm, x_BTD, eps) if config.pre_norm else x_BTD
   values_BTF = layers.ffn_neuron_values(p.ffn, ffn_in)
   core = select_core(values_BTF) if select_core else None
-  x_BTD = x_BTD + layers.ffn_output(p.ffn, layers.ffn_activations(p.ffn, values_BTF))
+  h_BTF = layers.ffn_activations(p.ffn, values_BTF)
+  if keep_BF is not None:
+    h_BTF = h_BTF * keep_BF[:, None, :].astype(h_BTF.dtype)
+  x_BTD = x_BTD + layers.ffn_output(p.ffn, h_BTF)
   if not config.pre_norm:
     x_BTD = layers.norm(p.ffn_norm, x_BTD, eps)
   return x_BTD, k_cache, v_cache, core
@@ -72,13 +77,15 @@ def logits(params: ModelParams, config: ModelConfig, x_BTD: jax.Array) -> jax.Ar
 
 def forward_with_core(params: ModelParams, config: ModelConfig, cache: KVCache, tokens_BT: jax.Array,
                       select_core: Optional[CoreSelector], last_only: bool = False,
+                      ffn_keep: Optional[Tuple[Optional[jax.Array], ...]] = None,
                       ) -> Tuple[jax.Array, KVCache, Tuple[Optional[jax.Array], ...]]:
   """Runs a chunk of tokens [B, T] at slots [cache.length, cache.length + T).
 
   Returns (float32 logits [B, T, V], or [B, 1, V] with `last_only`; the cache
   with the chunk written; per layer, `select_core`'s core neurons or None).
   The selector sees each layer's FFN values inside this one pass, so the
-  prefill chooses core neurons with no hooks and no second pass.
+  prefill chooses core neurons with no hooks and no second pass. `ffn_keep`
+  (per layer float [B, F] or None) masks each sequence's FFN neurons.
   Python-unrolled over layers (GUIDE §2).
   """
   T = tokens_BT.shape[1]
@@ -89,7 +96,8 @@ def forward_with_core(params: ModelParams, config: ModelConfig, cache: KVCache, 
   for i, (p, k_cache, v_cache) in enumerate(zip(params.layers, cache.k, cache.v)):
     select = (lambda values, i=i: select_core(i, values, real_BT)) if select_core else None
     x, k_cache, v_cache, layer_core = layer_forward(
-        p, config, x, pos_BT, k_cache, v_cache, cache.length, cache.start_B, select)
+        p, config, x, pos_BT, k_cache, v_cache, cache.length, cache.start_B, select,
+        None if ffn_keep is None else ffn_keep[i])
     new_k.append(k_cache)
     new_v.append(v_cache)
     core.append(layer_core)
@@ -100,7 +108,9 @@ def forward_with_core(params: ModelParams, config: ModelConfig, cache: KVCache, 
 
 
 def forward(params: ModelParams, config: ModelConfig, cache: KVCache, tokens_BT: jax.Array,
-            last_only: bool = False) -> Tuple[jax.Array, KVCache]:
+            last_only: bool = False, ffn_keep: Optional[Tuple[Optional[jax.Array], ...]] = None,
+            ) -> Tuple[jax.Array, KVCache]:
   """`forward_with_core` without selection: (logits, cache)."""
-  logits_BTV, cache, _ = forward_with_core(params, config, cache, tokens_BT, None, last_only)
+  logits_BTV, cache, _ = forward_with_core(params, config, cache, tokens_BT, None, last_only,
+                                           ffn_keep)
   return logits_BTV, cache

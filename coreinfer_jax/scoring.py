@@ -8,26 +8,28 @@ the dense model. Here, as in decoding:
 2. the continuation's first token is scored by the prefill's last logits
    (decoding samples it from those, dense);
 3. every later continuation token is scored by one teacher-forced pass over
-   the continuation with the context's KV cache and the method's compact FFNs
-   (rows gathered down to the core set), which equals step-by-step sparse
-   decoding of those tokens.
+   the continuation with the context's KV cache, each method dropping its
+   non-core neurons (h[i] = 0: what decoding on the FFN rows gathered down to
+   the core set computes, equal to step-by-step sparse decoding to float
+   rounding; exactly dense at β = 1).
 
-One prefill serves every method: each method's selection runs inside it
-(`multi_selector`), sharing each layer's ranking statistics per scoring. A
-context's choices (multiple choice) are scored in one batch sharing the
-context's cache and compact FFNs.
+One prefill and one batched pass serve every method: each method's selection
+runs inside the prefill (`multi_selector`), sharing each layer's ranking
+statistics per scoring, and each (method, choice) is a row of the pass, so
+the weights are read once per context rather than once per method.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coreinfer_jax import gather, model, selection, similarity
+from coreinfer_jax import model, selection, similarity
 from coreinfer_jax.artefacts import ClusterArtefacts
 from coreinfer_jax.cache import KVCache, init_cache
 from coreinfer_jax.config import ModelConfig
@@ -89,21 +91,36 @@ def tile_cache(cache: KVCache, batch: int) -> KVCache:
                        start_B=tile(cache.start_B))
 
 
-def continuation_fn(config: ModelConfig, with_distribution: bool):
-  """(params, batch-1 cache, inputs int32 [C, T], targets int32 [C, T], reference
-  log-probabilities [C, T, V] or None) -> dict of per-token float32 [C, T]:
-  `logprob` of each target, `greedy` (target is the argmax), `kl` (KL of the
-  reference distribution to this one, when given), and with
-  `with_distribution` the log-probabilities `[C, T, V]` themselves."""
-  def score(params: ModelParams, cache: KVCache, inputs_CT, targets_CT, reference_CTV):
-    logits_CTV, _ = model.forward(params, config, tile_cache(cache, inputs_CT.shape[0]), inputs_CT)
-    logprobs_CTV = jax.nn.log_softmax(logits_CTV, axis=-1)
-    out = {"logprob": jnp.take_along_axis(logprobs_CTV, targets_CT[..., None], axis=-1)[..., 0],
-           "greedy": (jnp.argmax(logits_CTV, axis=-1) == targets_CT).astype(jnp.float32)}
-    if reference_CTV is not None:
-      out["kl"] = jnp.sum(jnp.exp(reference_CTV) * (reference_CTV - logprobs_CTV), axis=-1)
-    if with_distribution:
-      out["distribution"] = logprobs_CTV
+def keep_masks(num_neurons: int, cores: Tuple[Tuple[Optional[jax.Array], ...], ...]):
+  """Per layer float32 [M, F]: row m keeps method m's core neurons (int32 [k])
+  at that layer, or every neuron where the method leaves the layer dense."""
+  ones = jnp.ones((num_neurons,), jnp.float32)
+  zeros = jnp.zeros((num_neurons,), jnp.float32)
+  return tuple(jnp.stack([ones if layer is None else zeros.at[layer].set(1.0) for layer in per_layer])
+               for per_layer in zip(*cores))
+
+
+def continuation_fn(config: ModelConfig, reference: Optional[int]):
+  """(params, batch-1 cache, inputs int32 [C, T], targets int32 [C, T], per
+  layer keep masks [M, F]) -> per method m and continuation c, float32
+  [M, C, T]: `logprob` of each target and `greedy` (target is the argmax);
+  with `reference` (a method index), `kl`: the KL divergence of that method's
+  next-token distribution to each method's. All M·C rows run as one batch over
+  the context's cache; a method's row drops its non-core neurons (h[i] = 0),
+  which is what decoding on its gathered FFNs computes."""
+  def score(params: ModelParams, cache: KVCache, inputs_CT, targets_CT, keep):
+    M, (C, T) = keep[0].shape[0], inputs_CT.shape
+    rows = M * C
+    keep_rows = tuple(jnp.repeat(k_MF, C, axis=0) for k_MF in keep)
+    logits, _ = model.forward(params, config, tile_cache(cache, rows), jnp.tile(inputs_CT, (M, 1)),
+                              ffn_keep=keep_rows)
+    logprobs = jax.nn.log_softmax(logits, axis=-1).reshape(M, C, T, -1)
+    targets = jnp.broadcast_to(targets_CT, (M, C, T))
+    out = {"logprob": jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0],
+           "greedy": (jnp.argmax(logprobs, axis=-1) == targets).astype(jnp.float32)}
+    if reference is not None:
+      ref = logprobs[reference]
+      out["kl"] = jnp.sum(jnp.exp(ref)[None] * (ref[None] - logprobs), axis=-1)
     return out
   return score
 
@@ -129,15 +146,15 @@ class ContinuationScores:
   logprob_sums: np.ndarray       # float64 [C]: sum of the continuation's token log-probabilities
   greedy: np.ndarray             # bool [C]: every token was the argmax
   token_logprobs: List[np.ndarray]   # per continuation, float32 [n_c]
-  token_kl: Optional[List[np.ndarray]] = None   # per continuation, KL to dense per token [n_c]
+  token_kl: Optional[List[np.ndarray]] = None   # per continuation, KL of dense to it per token [n_c]
   cluster_id: Optional[int] = None
 
 
 class ContinuationScorer:
   """Scores continuations of a context under several methods with one dense
-  prefill. Sizes are bucketed so that executables repeat: a context pads to a
-  bucket of `buckets`, continuations to one of `continuation_buckets`, and the
-  cache holds `cache_len` slots for every call."""
+  prefill and one batched pass. Sizes are bucketed so that executables
+  repeat: a context pads to a bucket of `buckets`, continuations to one of
+  `continuation_buckets`, and the cache holds `cache_len` slots every call."""
 
   def __init__(self, config: ModelConfig, params: ModelParams, methods: Sequence[Method], *,
                cache_len: int = 1024, buckets: Sequence[int] = DEFAULT_BUCKETS,
@@ -152,39 +169,24 @@ class ContinuationScorer:
     self.buckets = tuple(sorted(buckets))
     self.continuation_buckets = tuple(sorted(continuation_buckets))
     self.compiled = CompiledFunctions()
-    self._specs = tuple(m.selecting_spec for m in self.methods if m.selecting_spec is not None)
-    self._spec_index = {}
-    for m in self.methods:
-      if m.selecting_spec is not None:
-        self._spec_index[m.name] = len(self._spec_index)
-    self._prefill = prefill_fn(config, cache_len, self._specs)
-    self._score = continuation_fn(config, with_distribution=False)
-    self._score_with_distribution = continuation_fn(config, with_distribution=True)
-    self._cluster_ffns: Dict[Tuple[str, int], ModelParams] = {}
-    self.ffn_bytes_fraction: Dict[str, float] = {}
+    selecting = [m for m in self.methods if m.selecting_spec is not None]
+    self._spec_index = {m.name: i for i, m in enumerate(selecting)}
+    self._prefill = prefill_fn(config, cache_len, tuple(m.selecting_spec for m in selecting))
+    self._masks = functools.partial(keep_masks, config.intermediate_size)
+    self._centroids = {m.name: jnp.asarray(m.clusters.centroids_CF) for m in self.methods
+                       if m.clusters is not None}
 
-  def _decode_params(self, method: Method, core: gather.CoreIndices) -> Tuple[ModelParams, Optional[int]]:
-    """The method's parameters with compact FFNs gathered from a batch-1 core set."""
+  def _core(self, method: Method, cores) -> Tuple[Tuple[Optional[jax.Array], ...], Optional[int]]:
+    """(per layer the method's core set int32 [k] or None, cluster id or None)."""
     if method.spec is None:
-      return self.params, None
-    cluster = None
-    if method.clusters is not None:
-      art = method.clusters
-      cluster = int(self.compiled("assign", similarity.nearest_cluster, jnp.asarray(art.centroids_CF),
-                                  core[art.cluster_layer])[0])
-      key = (method.name, cluster)
-      if key not in self._cluster_ffns:
-        sets = tuple(None if s is None else jnp.asarray(s[cluster]) for s in art.layer_sets)
-        self._cluster_ffns[key] = gather.with_compact_ffn(
-            self.params, self.compiled("gather", gather.gather_core, self.params, sets))
-      params = self._cluster_ffns[key]
-    else:
-      sets = tuple(None if c is None else c[0] for c in core)
-      params = gather.with_compact_ffn(
-          self.params, self.compiled("gather", gather.gather_core, self.params, sets))
-    if method.name not in self.ffn_bytes_fraction:
-      self.ffn_bytes_fraction[method.name] = gather.ffn_bytes_fraction(self.params, params)
-    return params, cluster
+      return tuple(None for _ in range(self.config.num_layers)), None
+    core = cores[self._spec_index[method.name]]
+    if method.clusters is None:
+      return tuple(None if c is None else c[0] for c in core), None
+    art = method.clusters
+    cluster = int(self.compiled("assign", similarity.nearest_cluster, self._centroids[method.name],
+                                core[art.cluster_layer])[0])
+    return tuple(None if s is None else jnp.asarray(s[cluster]) for s in art.layer_sets), cluster
 
   def _pick_continuation_bucket(self, length: int, room: int) -> int:
     fits = [b for b in self.continuation_buckets if length <= b <= room]
@@ -197,8 +199,7 @@ class ContinuationScorer:
             with_kl: bool = False) -> Dict[str, ContinuationScores]:
     """Per method name, the scores of each continuation (token ids, at least
     one each) after `context_ids`. `with_kl` also measures, per token, the KL
-    divergence of the dense model's next-token distribution to the method's
-    (the dense method is then always computed)."""
+    divergence of the dense model's next-token distribution to the method's."""
     if not context_ids:
       raise ValueError("a context must have at least one token")
     if any(len(c) < 1 for c in continuations):
@@ -217,36 +218,32 @@ class ContinuationScorer:
     for c, ids in enumerate(continuations):
       inputs[c, :len(ids) - 1] = ids[:-1]
       targets[c, :len(ids) - 1] = ids[1:]
-    inputs, targets = jnp.asarray(inputs), jnp.asarray(targets)
     first = np.array([first_logprobs[ids[0]] for ids in continuations], np.float32)
     first_greedy = np.array([ids[0] == int(np.argmax(first_logprobs)) for ids in continuations])
 
     methods = list(self.methods)
     reference = None
     if with_kl:
-      dense = [m for m in methods if m.spec is None] or [Method("dense")]
-      methods = dense[:1] + [m for m in methods if m.spec is not None]
+      dense = [i for i, m in enumerate(methods) if m.spec is None]
+      if not dense:
+        methods.append(Method("dense"))
+      reference = dense[0] if dense else len(methods) - 1
+    per_method = [self._core(m, cores) for m in methods]
+    keep = self.compiled("masks", self._masks, tuple(core for core, _ in per_method))
+    score = continuation_fn(self.config, reference)
+    out = self.compiled("score" if reference is None else "score_kl", score, self.params, cache, jnp.asarray(inputs),
+                        jnp.asarray(targets), keep)
+    out = jax.tree_util.tree_map(np.asarray, out)
     results = {}
-    for method in methods:
-      core = cores[self._spec_index[method.name]] if method.spec is not None else None
-      params, cluster = self._decode_params(method, core)
-      if with_kl and method.spec is None:
-        out = self.compiled("score_distribution", self._score_with_distribution, params, cache,
-                            inputs, targets, None)
-        reference = out.pop("distribution")
-      else:
-        out = self.compiled("score", self._score, params, cache, inputs, targets, reference)
-      out = jax.tree_util.tree_map(np.asarray, out)
+    for m_index, method in enumerate(self.methods):
       token_logprobs, token_kl, greedy = [], [], []
       for c, ids in enumerate(continuations):
         n = len(ids) - 1
-        token_logprobs.append(np.concatenate([first[c:c + 1], out["logprob"][c, :n]]))
-        greedy.append(bool(first_greedy[c]) and bool(np.all(out["greedy"][c, :n] > 0)))
-        if with_kl:
-          kl = out["kl"][c, :n] if "kl" in out else np.zeros(n, np.float32)
-          token_kl.append(np.concatenate([np.zeros(1, np.float32), kl]))   # first token: dense
-      if method.name in {m.name for m in self.methods}:
-        results[method.name] = ContinuationScores(
-            np.array([lp.astype(np.float64).sum() for lp in token_logprobs]), np.array(greedy),
-            token_logprobs, token_kl if with_kl else None, cluster)
+        token_logprobs.append(np.concatenate([first[c:c + 1], out["logprob"][m_index, c, :n]]))
+        greedy.append(bool(first_greedy[c]) and bool(np.all(out["greedy"][m_index, c, :n] > 0)))
+        if with_kl:   # the first token comes from the dense prefill: KL 0
+          token_kl.append(np.concatenate([np.zeros(1, np.float32), out["kl"][m_index, c, :n]]))
+      results[method.name] = ContinuationScores(
+          np.array([lp.astype(np.float64).sum() for lp in token_logprobs]), np.array(greedy),
+          token_logprobs, token_kl if with_kl else None, per_method[m_index][1])
     return results

@@ -109,9 +109,9 @@ def test_scorer_compiles_once_per_shape(tiny):
   for seed in range(4):
     context, a, b = random_prompts([5 + seed, 3 + seed, 6], seed=seed)
     scorer.score(context, [a, b])
-  # One prefill; one gather and one scoring pass per parameter shape (dense,
-  # k = F/2 shared by two scorings, k = F/4); nothing recompiles per context.
-  assert scorer.compiled.compiles == {"prefill": 1, "gather": 2, "score": 3}
+  # One prefill, one mask builder and one batched scoring pass for every
+  # method; nothing recompiles per context or core set.
+  assert scorer.compiled.compiles == {"prefill": 1, "masks": 1, "score": 1}
 
 
 def test_scorer_errors(tiny):
