@@ -1,7 +1,6 @@
 """Evaluation under sparsity: continuations scored as decoding runs, β = 1
 equals dense on every task kind, β < 1 differs (no dense-prefill trap)."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np

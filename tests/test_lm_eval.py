@@ -1,7 +1,6 @@
 """The lm-eval model `coreinfer_jax` end to end on tiny local tasks."""
 
 import json
-import os
 
 import numpy as np
 import pytest
