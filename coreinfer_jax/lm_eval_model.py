@@ -3,7 +3,7 @@
   python -m coreinfer_jax.lm_eval_model run --model coreinfer_jax \
       --model_args model=PATH,method=stability,beta=0.4,scoring=griffin \
       --tasks coreinfer_piqa --include_path coreinfer_jax/lm_eval_tasks \
-      --metadata '{"data_dir": "../shared/data"}'
+      --metadata '{"data_dir": "DATA_DIR"}'
 
 (`python -m coreinfer_jax.lm_eval_model` is lm-eval's own command line with
 this model registered; importing this module registers it for
