@@ -13,6 +13,15 @@
    dynamic programme over β in steps of 1/`steps` then minimises the predicted
    loss under a mean-FFN-fraction budget, or finds the smallest budget whose
    predicted loss stays within a bound.
+3. `greedy_allocate`: no additivity assumed. From all layers dense, each step
+   measures, for every layer, the joint loss of lowering that layer's β by
+   1/`steps` on top of the budgets chosen so far (every candidate a row of one
+   batch), and takes the cheapest. It stops at the FFN target, or before the
+   measured loss would pass the bound. On SmolLM2 single-layer losses do not
+   add up (errors compound), so (2) overshoots its bound; (3) measures what it
+   allocates. The dense prefill of each window (cache and each layer's neuron
+   ranking) is computed once; core sets of any size are prefixes of the
+   ranking, so one executable serves every candidate budget.
 """
 
 from __future__ import annotations
@@ -212,3 +221,138 @@ def allocate(sens: Sensitivity, num_layers: int, num_neurons: int, *, kind: str 
   bound = math.log1p(max_loss) if kind == "nll" else max_loss
   within = feasible[best[feasible] <= bound + 1e-12]
   return allocation(int(within.min()))   # never empty: all dense has loss 0
+
+
+def ranking_prefill_fn(config: ModelConfig, cache_len: int, scoring: str, alpha: float):
+  """(params, tokens [1, T], start [1]) -> (last log-probabilities [1, V],
+  cache, per layer int32 [F]: each neuron's position in the core ranking, so
+  that the core set of size k is {i : position[i] < k})."""
+  full = core_spec(config.num_layers, config.intermediate_size, beta=1.0, alpha=alpha,
+                   scoring=scoring, sparse_layers="all")
+  prefill = prefill_fn(config, cache_len, (full,))
+
+  def ranked(params: ModelParams, tokens_BT, start_B):
+    first, cache, (cores,) = prefill(params, tokens_BT, start_B)
+    return first, cache, tuple(jnp.argsort(order[0]).astype(jnp.int32) for order in cores)
+  return ranked
+
+
+def budget_loss_fn(config: ModelConfig):
+  """(params, cache, inputs [1, T], targets [1, T], per layer positions [F],
+  kept neurons int32 [R, L]) -> (summed NLL [R], summed KL to row 0 [R]) of the
+  continuation after its first token, row r keeping `kept[r, l]` top-ranked
+  neurons at layer l."""
+  score = continuation_fn(config, reference=0)
+
+  def loss(params: ModelParams, cache, inputs_CT, targets_CT, positions, kept_RL):
+    keep = tuple((pos[None, :] < kept_RL[:, layer, None]).astype(jnp.float32)
+                 for layer, pos in enumerate(positions))
+    out = score(params, cache, inputs_CT, targets_CT, keep)
+    return -out["logprob"].sum(axis=(1, 2)), out["kl"].sum(axis=(1, 2))
+  return loss
+
+
+@dataclasses.dataclass
+class GreedyStep:
+  layer: int
+  beta: float
+  ffn_fraction: float
+  nll: float       # mean NLL increase per continuation token over dense (log perplexity ratio)
+  kl: float        # mean KL to dense per continuation token
+
+
+@dataclasses.dataclass
+class GreedyAllocation:
+  layer_beta: Tuple[Optional[float], ...]   # per model layer; None: dense
+  ffn_fraction: float                         # mean kept FFN rows over all layers
+  measured_nll: float                         # on the calibration windows, as GreedyStep
+  measured_kl: float
+  dense_nll: float                            # mean NLL per token of the dense model
+  tokens: int                                 # continuation tokens measured
+  trajectory: List[GreedyStep]                # every step taken, in order
+
+
+def greedy_allocate(config: ModelConfig, params: ModelParams, windows: Sequence[Window], *,
+                    scoring: str, alpha: float, layers: Optional[Sequence[int]] = None,
+                    kind: str = "nll", target_ffn_fraction: Optional[float] = None,
+                    max_loss: Optional[float] = None, steps: int = 20, min_beta: float = 0.05,
+                    rows_per_pass: int = 8, progress: bool = True) -> GreedyAllocation:
+  """Per-layer β chosen by measured joint loss (module docstring, 3): stop at
+  mean FFN fraction `target_ffn_fraction`, or at the last step whose measured
+  loss is within `max_loss` (`nll`: relative perplexity increase; `kl`: nats)."""
+  if (target_ffn_fraction is None) == (max_loss is None):
+    raise ValueError("give exactly one of target_ffn_fraction and max_loss")
+  if kind not in LOSSES:
+    raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
+  if target_ffn_fraction is not None and not 0 < target_ffn_fraction <= 1:
+    raise ValueError(f"target_ffn_fraction must be in (0, 1], got {target_ffn_fraction}")
+  if max_loss is not None and max_loss <= 0:
+    raise ValueError(f"max_loss must be positive, got {max_loss}")
+  L, F = config.num_layers, config.intermediate_size
+  layers = tuple(range(L)) if layers is None else tuple(layers)
+  context_len = max(len(w.context) for w in windows)
+  continuation_len = max(len(w.continuation) for w in windows)
+  compiled = CompiledFunctions()
+  prefill = ranking_prefill_fn(config, context_len + continuation_len, scoring, alpha)
+  loss_fn = budget_loss_fn(config)
+
+  prefilled, tokens = [], 0
+  for w in windows:    # the dense pass of each window, kept for every step
+    tokens_BT, start_B = left_pad([w.context], context_len)
+    first_logprobs, cache, positions = compiled("prefill", prefill, params, jnp.asarray(tokens_BT),
+                                                jnp.asarray(start_B))
+    ids = np.asarray(w.continuation, np.int32)
+    prefilled.append((cache, positions, jnp.asarray(ids[None, :-1]), jnp.asarray(ids[None, 1:]),
+                      float(first_logprobs[0, ids[0]])))
+    tokens += len(ids)   # the first token is dense in every row: no loss
+
+  def measure(candidates: List[np.ndarray]) -> Tuple[np.ndarray, np.ndarray, float]:
+    """(NLL increase [n], KL [n], dense NLL) per token, each candidate int [L] of kept neurons."""
+    nll, kl = np.zeros(len(candidates)), np.zeros(len(candidates))
+    dense = 0.0
+    for chunk in range(0, len(candidates), rows_per_pass):
+      group = candidates[chunk:chunk + rows_per_pass]
+      rows = np.stack([np.full(L, F)] + group + [group[-1]] * (rows_per_pass - len(group)))
+      for cache, positions, inputs, targets, first in prefilled:
+        row_nll, row_kl = compiled("loss", loss_fn, params, cache, inputs, targets, positions,
+                                   jnp.asarray(rows, jnp.int32))
+        row_nll, row_kl = np.asarray(row_nll, np.float64), np.asarray(row_kl, np.float64)
+        nll[chunk:chunk + len(group)] += row_nll[1:1 + len(group)] - row_nll[0]
+        kl[chunk:chunk + len(group)] += row_kl[1:1 + len(group)]
+        dense += row_nll[0] - first if chunk == 0 else 0.0
+    return nll / tokens, kl / tokens, dense / tokens
+
+  bound = None if max_loss is None else (math.log1p(max_loss) if kind == "nll" else max_loss)
+  min_units = max(1, math.ceil(min_beta * steps - 1e-9))
+  units = {layer: steps for layer in layers}
+  kept = lambda u: np.array([F if l not in u or u[l] == steps else num_core_neurons(u[l] / steps, F)
+                             for l in range(L)])
+  betas = lambda u: [None if l not in u or u[l] == steps else u[l] / steps for l in range(L)]
+  trajectory: List[GreedyStep] = []
+  current = (0.0, 0.0)
+  dense_nll = None
+  bar = tqdm(desc="greedy calibration", disable=not progress)
+  while target_ffn_fraction is None or ffn_fraction(betas(units), F) > target_ffn_fraction + 1e-12:
+    movable = [layer for layer in layers if units[layer] > min_units]
+    if not movable:
+      if target_ffn_fraction is not None:
+        raise ValueError(f"target_ffn_fraction {target_ffn_fraction} is below what min_beta "
+                         f"{min_beta} allows in {len(layers)} of {L} layers")
+      break
+    trials = [{**units, layer: units[layer] - 1} for layer in movable]
+    nll, kl, dense = measure([kept(t) for t in trials])
+    dense_nll = dense if dense_nll is None else dense_nll
+    losses = nll if kind == "nll" else kl
+    best = int(np.argmin(losses))      # ties: the earliest layer
+    if bound is not None and losses[best] > bound + 1e-12:
+      break
+    units = trials[best]
+    current = (float(nll[best]), float(kl[best]))
+    trajectory.append(GreedyStep(movable[best], units[movable[best]] / steps,
+                                 ffn_fraction(betas(units), F), *current))
+    bar.update(1)
+    bar.set_postfix(ffn=f"{trajectory[-1].ffn_fraction:.3f}", nll=f"{current[0]:.4f}")
+  bar.close()
+  layer_beta = tuple(betas(units))
+  return GreedyAllocation(layer_beta, ffn_fraction(layer_beta, F), current[0], current[1],
+                          dense_nll or 0.0, tokens, trajectory)

@@ -6,10 +6,11 @@
   distribution to the method's.
 - multiple choice: the context chooses the core neurons; every choice is scored
   sparsely; lm-eval's acc and acc_norm.
-- generation: greedy `Generator` decoding per method (sparse after the dense
-  prefill), stopped at the task's stop strings; the task's metrics.
+- generation: greedy decoding (sparse after the dense prefill), every method a
+  row of one batch (`ContinuationScorer.generate`), stopped at the task's stop
+  strings; the task's metrics.
 
-One dense prefill per context serves every method of the log-likelihood tasks.
+One dense prefill per context or prompt serves every method.
 Each result records its metric values, n and the method's settings, with
 `ffn_bytes_fraction`: FFN weight bytes per decode token, sparse over dense.
 """
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from coreinfer_jax import gather, metrics, tasks
 from coreinfer_jax.config import ModelConfig
 from coreinfer_jax.core import CoreSpec, core_spec
-from coreinfer_jax.generation import Generator
+from coreinfer_jax.generation import eos_ids
 from coreinfer_jax.params import ModelParams
 from coreinfer_jax.scoring import ContinuationScorer, Method
 
@@ -129,32 +130,29 @@ def generation_metrics(task: tasks.Task, examples: Sequence[tasks.GenerationExam
   raise ValueError(f"{task.name} is not a generation task")
 
 
-def generate_outputs(generator: Generator, task: tasks.Task, examples: Sequence[tasks.GenerationExample],
-                     batch_size: int, desc: str = "", progress: bool = True) -> List[str]:
-  """Greedy completions, `batch_size` prompts at a time (a short last batch is
-  padded with copies, so every batch runs the same executables)."""
-  outputs: List[str] = []
-  prompt_ids = [generator.encode(e.prompt) for e in examples]
-  for start in tqdm(range(0, len(prompt_ids), batch_size), desc=desc or task.name, disable=not progress):
-    batch = prompt_ids[start:start + batch_size]
-    padded = batch + [batch[-1]] * (batch_size - len(batch))
-    results, _ = generator.generate_ids(padded, task.max_new_tokens, stop_strings=task.until)
-    outputs.extend(r.text for r in results[:len(batch)])
+def generate_outputs(scorer: ContinuationScorer, tokenizer, task: tasks.Task,
+                     examples: Sequence[tasks.GenerationExample],
+                     progress: bool = True) -> Dict[str, List[str]]:
+  """Per method name, the greedy completion of each example's prompt."""
+  outputs: Dict[str, List[str]] = {m.name: [] for m in scorer.methods}
+  eos = eos_ids(scorer.config, tokenizer)
+  for e in tqdm(examples, desc=task.name, disable=not progress):
+    completions = scorer.generate(list(tokenizer(e.prompt)["input_ids"]), task.max_new_tokens,
+                                  eos_ids=eos, stop_strings=task.until, tokenizer=tokenizer)
+    for name, r in completions.items():
+      outputs[name].append(r.text)
   return outputs
 
 
-def evaluate_generation(generators: Dict[str, Generator], methods: Sequence[Method], task: tasks.Task,
-                        examples: Sequence[tasks.GenerationExample], batch_size: int,
-                        params: ModelParams, progress: bool = True) -> List[Result]:
-  results = []
-  for m in methods:
-    outputs = generate_outputs(generators[m.name], task, examples, batch_size,
-                               desc=f"{task.name} {m.name}", progress=progress)
-    results.append(Result(task.name, m, generation_metrics(task, examples, outputs), len(examples),
-                          spec_ffn_bytes_fraction(params, m.spec),
-                          {"samples": [{"prompt": e.prompt[-200:], "output": o}
-                                       for e, o in zip(examples[:3], outputs[:3])]}))
-  return results
+def evaluate_generation(scorer: ContinuationScorer, tokenizer, task: tasks.Task,
+                        examples: Sequence[tasks.GenerationExample],
+                        progress: bool = True) -> List[Result]:
+  outputs = generate_outputs(scorer, tokenizer, task, examples, progress)
+  return [Result(task.name, m, generation_metrics(task, examples, outputs[m.name]), len(examples),
+                 spec_ffn_bytes_fraction(scorer.params, m.spec),
+                 {"samples": [{"prompt": e.prompt[-200:], "output": o}
+                              for e, o in zip(examples[:3], outputs[m.name][:3])]})
+          for m in scorer.methods]
 
 
 def markdown_table(records: Sequence[dict], digits: int = 3) -> str:

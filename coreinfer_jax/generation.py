@@ -156,7 +156,15 @@ def decode_fn(config: ModelConfig, sampling: SamplingConfig):
   return decode_step
 
 
-class _StopTracker:
+def eos_ids(config: ModelConfig, tokenizer=None) -> Tuple[int, ...]:
+  """The ids that end a sequence: the config's and the tokenizer's."""
+  eos = list(config.eos_token_ids)
+  if tokenizer is not None and tokenizer.eos_token_id is not None:
+    eos.append(tokenizer.eos_token_id)
+  return tuple(sorted(set(eos)))
+
+
+class StopTracker:
   """Host-side bookkeeping of each sequence's tokens and stop conditions."""
 
   def __init__(self, batch: int, eos_ids: Sequence[int], stop_strings: Sequence[str], tokenizer,
@@ -258,10 +266,7 @@ class Generator:
     self._prefill = prefill_fn(config, cache_len, sampling, selecting)
     self._dense_prefill = prefill_fn(config, cache_len, sampling)
     self._decode = decode_fn(config, sampling)
-    eos = list(config.eos_token_ids)
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-      eos.append(tokenizer.eos_token_id)
-    self.eos_ids = tuple(sorted(set(eos)))
+    self.eos_ids = eos_ids(config, tokenizer)
 
   def encode(self, prompt: str, chat: bool = False) -> List[int]:
     if chat:
@@ -368,7 +373,7 @@ class Generator:
                    on_text: Optional[Callable[[int, str], None]] = None,
                    ) -> Tuple[List[GenerationResult], GenerationStats]:
     stats = GenerationStats()
-    tracker = _StopTracker(len(prompt_ids), self.eos_ids, stop_strings, self.tokenizer, on_text)
+    tracker = StopTracker(len(prompt_ids), self.eos_ids, stop_strings, self.tokenizer, on_text)
     self.compile_for(self.params, len(prompt_ids), self.bucket(prompt_ids, max_new_tokens))
     state = self.timed_prefill(prompt_ids, max_new_tokens, stats)
     tokens, cache = state.tokens_B, state.cache

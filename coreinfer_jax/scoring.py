@@ -17,6 +17,11 @@ One prefill and one batched pass serve every method: each method's selection
 runs inside the prefill (`multi_selector`), sharing each layer's ranking
 statistics per scoring, and each (method, choice) is a row of the pass, so
 the weights are read once per context rather than once per method.
+
+Greedy generation for evaluation (`ContinuationScorer.generate`) works the
+same way: one dense prefill per prompt, then every method decodes as one row
+of a batch (a `lax.scan` over a fixed number of steps), dropping its non-core
+neurons; stop strings and EOS are applied on the host afterwards.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from coreinfer_jax.artefacts import ClusterArtefacts
 from coreinfer_jax.cache import KVCache, init_cache
 from coreinfer_jax.config import ModelConfig
 from coreinfer_jax.core import CoreSpec
-from coreinfer_jax.generation import DEFAULT_BUCKETS, CompiledFunctions, left_pad, pick_bucket
+from coreinfer_jax.generation import (DEFAULT_BUCKETS, CompiledFunctions, GenerationResult,
+                                      StopTracker, left_pad, pick_bucket)
 from coreinfer_jax.params import ModelParams
 
 CONTINUATION_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024)
@@ -125,6 +131,23 @@ def continuation_fn(config: ModelConfig, reference: Optional[int]):
   return score
 
 
+def greedy_generation_fn(config: ModelConfig, steps: int):
+  """(params, batch-1 cache, first token int32 [], per layer keep masks [M, F])
+  -> int32 [M, steps]: each method's greedy tokens after the first, every
+  method a row of one batch over the prompt's cache (as `continuation_fn`)."""
+  def generate(params: ModelParams, cache: KVCache, first, keep):
+    M = keep[0].shape[0]
+    def step(carry, _):
+      cache, tokens_M = carry
+      logits, cache = model.forward(params, config, cache, tokens_M[:, None], ffn_keep=keep)
+      tokens_M = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+      return (cache, tokens_M), tokens_M
+    _, tokens_SM = jax.lax.scan(step, (tile_cache(cache, M), jnp.full((M,), first, jnp.int32)),
+                                None, length=steps)
+    return tokens_SM.T
+  return generate
+
+
 def prefill_fn(config: ModelConfig, cache_len: int, specs: Tuple[CoreSpec, ...]):
   """(params, tokens [1, T], start [1]) -> (last-position log-probabilities
   [1, V], cache, per spec a tuple of per-layer core neurons [1, k] or None)."""
@@ -195,6 +218,35 @@ class ContinuationScorer:
                        f"context ({room} slots left of cache_len {self.cache_len})")
     return fits[0]
 
+  def _keep(self, cores, methods: Sequence[Method]):
+    """(per layer keep masks [M, F], each method's cluster id or None)."""
+    per_method = [self._core(m, cores) for m in methods]
+    return (self.compiled("masks", self._masks, tuple(core for core, _ in per_method)),
+            [cluster for _, cluster in per_method])
+
+  def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, *, eos_ids: Sequence[int] = (),
+               stop_strings: Sequence[str] = (), tokenizer=None) -> Dict[str, GenerationResult]:
+    """Per method name, the greedy completion of `prompt_ids` as that method
+    decodes it (the first token from the dense prefill), cut at EOS and at the
+    first stop string; `max_new_tokens` decode steps always run."""
+    if not prompt_ids:
+      raise ValueError("a prompt must have at least one token")
+    bucket = pick_bucket(len(prompt_ids), max_new_tokens, self.cache_len, self.buckets)
+    tokens, start = left_pad([prompt_ids], bucket)
+    first_logprobs, cache, cores = self.compiled("prefill", self._prefill, self.params,
+                                                 jnp.asarray(tokens), jnp.asarray(start))
+    first = jnp.argmax(first_logprobs[0]).astype(jnp.int32)
+    keep, _ = self._keep(cores, self.methods)
+    later = self.compiled(f"generate{max_new_tokens}", greedy_generation_fn(self.config, max_new_tokens - 1),
+                          self.params, cache, first, keep)
+    tokens_MS = np.concatenate([np.full((len(self.methods), 1), int(first)), np.asarray(later)], axis=1)
+    tracker = StopTracker(len(self.methods), eos_ids, stop_strings, tokenizer, None)
+    for step in range(max_new_tokens):
+      if tracker.add(tokens_MS[:, step]):
+        break
+    results = tracker.results([len(prompt_ids)] * len(self.methods))
+    return {m.name: r for m, r in zip(self.methods, results)}
+
   def score(self, context_ids: Sequence[int], continuations: Sequence[Sequence[int]],
             with_kl: bool = False) -> Dict[str, ContinuationScores]:
     """Per method name, the scores of each continuation (token ids, at least
@@ -228,8 +280,7 @@ class ContinuationScorer:
       if not dense:
         methods.append(Method("dense"))
       reference = dense[0] if dense else len(methods) - 1
-    per_method = [self._core(m, cores) for m in methods]
-    keep = self.compiled("masks", self._masks, tuple(core for core, _ in per_method))
+    keep, clusters = self._keep(cores, methods)
     score = continuation_fn(self.config, reference)
     out = self.compiled("score" if reference is None else "score_kl", score, self.params, cache, jnp.asarray(inputs),
                         jnp.asarray(targets), keep)
@@ -245,5 +296,5 @@ class ContinuationScorer:
           token_kl.append(np.concatenate([np.zeros(1, np.float32), out["kl"][m_index, c, :n]]))
       results[method.name] = ContinuationScores(
           np.array([lp.astype(np.float64).sum() for lp in token_logprobs]), np.array(greedy),
-          token_logprobs, token_kl if with_kl else None, per_method[m_index][1])
+          token_logprobs, token_kl if with_kl else None, clusters[m_index])
     return results

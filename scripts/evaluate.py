@@ -24,7 +24,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags
 
 from coreinfer_jax import cli, evaluation, plots, tasks
-from coreinfer_jax.generation import Generator
 from coreinfer_jax.scoring import ContinuationScorer, Method
 
 cli.define_model_flags()
@@ -45,7 +44,6 @@ flags.DEFINE_integer("num_fewshot", 0, "few-shot examples (taken from the end of
 flags.DEFINE_integer("windows", 8, "wikitext: number of windows")
 flags.DEFINE_integer("window_context", 256, "wikitext: context tokens per window (dense prefill)")
 flags.DEFINE_integer("window_continuation", 256, "wikitext: continuation tokens per window (scored)")
-flags.DEFINE_integer("batch_size", 8, "generation: prompts per batch")
 flags.DEFINE_string("json_out", None, "JSON of every result")
 flags.DEFINE_string("markdown_out", None, "Markdown table (default: the JSON's path with .md)")
 flags.DEFINE_string("plot", None, "PNG of each metric against FFN bytes (the frontier)")
@@ -108,7 +106,6 @@ def main(argv):
   scorer = ContinuationScorer(m.config, m.params, methods, cache_len=FLAGS.cache_len)
   t0 = time.perf_counter()
   results = []
-  generators = {}
   for task in chosen:
     if task.kind == "perplexity":
       ids = m.tokenizer(tasks.wikitext_text(FLAGS.data_dir))["input_ids"]
@@ -121,14 +118,7 @@ def main(argv):
     else:
       examples = tasks.load_examples(task, FLAGS.data_dir, FLAGS.generation_limit or FLAGS.limit,
                                      FLAGS.num_fewshot)
-      for method in methods:
-        if method.name not in generators:
-          generators[method.name] = Generator(m.config, m.params, m.tokenizer,
-                                              cache_len=FLAGS.cache_len,
-                                              core=None if method.clusters else method.spec,
-                                              clusters=method.clusters)
-      results += evaluation.evaluate_generation(generators, methods, task, examples,
-                                                FLAGS.batch_size, m.params, FLAGS.progress)
+      results += evaluation.evaluate_generation(scorer, m.tokenizer, task, examples, FLAGS.progress)
     partial = [r.record() for r in results]
     cli.write_json(FLAGS.json_out, {"settings": settings(fingerprint, load_seconds, t0),
                                     "results": partial})
@@ -145,7 +135,7 @@ def main(argv):
 def settings(fingerprint, load_seconds, t0):
   names = ["model", "tasks", "methods", "betas", "scorings", "layer_sets", "alpha", "beta_file",
            "cluster_dir", "data_dir", "limit", "generation_limit", "num_fewshot", "windows",
-           "window_context", "window_continuation", "batch_size", "cache_len", "dtype"]
+           "window_context", "window_continuation", "cache_len", "dtype"]
   return dict({n: FLAGS[n].value for n in names}, fingerprint=fingerprint,
               load_seconds=load_seconds, eval_seconds=time.perf_counter() - t0)
 

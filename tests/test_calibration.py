@@ -1,5 +1,7 @@
 """Per-layer calibration: masked sensitivity equals sparse decoding, the
-allocation is the exact optimum, and scripts/calibrate.py meets its target."""
+additive allocation is the exact optimum, the greedy allocation measures what
+decoding with its β file would score, and scripts/calibrate.py meets its
+target."""
 
 import itertools
 import json
@@ -11,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coreinfer_jax import calibration, gather, loading, model
+from coreinfer_jax import calibration, evaluation, gather, loading, model, tasks
 from coreinfer_jax.cache import init_cache
 from coreinfer_jax.core import core_spec, read_beta_file
+from coreinfer_jax.scoring import ContinuationScorer, Method
 from tests.conftest import REPO, random_prompts
 
 WORDS = "a b c d e f g h the of and to".split()
@@ -86,6 +89,56 @@ def test_allocation_errors():
     calibration.allocate(sens, 2, 100, target_ffn_fraction=0.9, kind="ppl")
 
 
+def _windows(seed=2):
+  ids = random_prompts([96], seed=seed)[0]
+  return tasks.token_windows(ids, 16, 16, 3)
+
+
+@pytest.mark.parametrize("scoring", ["signed", "griffin"])
+def test_greedy_measures_what_its_budgets_score(tiny, scoring):
+  """The greedy allocation's measured loss (core sets as prefixes of one
+  ranking) equals the perplexity the scorer gives its β file's core sets;
+  every step lowers one layer by one step; it stops at the target."""
+  windows = _windows()
+  got = calibration.greedy_allocate(tiny.config, tiny.params, windows, scoring=scoring, alpha=0.2,
+                                    target_ffn_fraction=0.7, steps=10, rows_per_pass=2,
+                                    progress=False)
+  F, L = tiny.config.intermediate_size, tiny.config.num_layers
+  assert got.ffn_fraction <= 0.7 < got.trajectory[-2].ffn_fraction
+  assert [s.ffn_fraction for s in got.trajectory] == sorted(
+      (s.ffn_fraction for s in got.trajectory), reverse=True)
+  assert len(got.trajectory) == round((1 - got.ffn_fraction) * 10 * L)
+  layers = [i for i, b in enumerate(got.layer_beta) if b is not None]
+  spec = core_spec(L, F, beta=[got.layer_beta[i] for i in layers], scoring=scoring,
+                   sparse_layers=",".join(map(str, layers)))
+  scorer = ContinuationScorer(tiny.config, tiny.params, [Method("dense"), Method("budget", spec)],
+                              cache_len=64, buckets=(16,), continuation_buckets=(16,))
+  ppl = {r.method.name: r for r in evaluation.evaluate_perplexity(scorer, windows, progress=False)}
+  nll = np.log(ppl["budget"].metrics["perplexity"] / ppl["dense"].metrics["perplexity"])
+  assert got.measured_nll == pytest.approx(nll, abs=1e-4)
+  assert got.measured_kl == pytest.approx(ppl["budget"].metrics["kl"], abs=1e-4)
+  assert got.dense_nll == pytest.approx(np.log(ppl["dense"].metrics["perplexity"]), abs=1e-4)
+
+
+def test_greedy_max_loss_stops_within_the_bound(tiny):
+  windows = _windows(5)
+  got = calibration.greedy_allocate(tiny.config, tiny.params, windows, scoring="signed", alpha=0.2,
+                                    kind="kl", max_loss=0.02, steps=5, rows_per_pass=4,
+                                    progress=False)
+  assert 0 < got.measured_kl <= 0.02
+  assert all(s.kl <= 0.02 for s in got.trajectory)
+  # A looser bound goes further down.
+  looser = calibration.greedy_allocate(tiny.config, tiny.params, windows, scoring="signed",
+                                       alpha=0.2, kind="kl", max_loss=0.2, steps=5,
+                                       rows_per_pass=4, progress=False)
+  assert looser.ffn_fraction < got.ffn_fraction
+  with pytest.raises(ValueError, match="below what min_beta"):
+    calibration.greedy_allocate(tiny.config, tiny.params, windows, scoring="signed", alpha=0.2,
+                                target_ffn_fraction=0.1, min_beta=0.5, steps=4, progress=False)
+  with pytest.raises(ValueError, match="exactly one"):
+    calibration.greedy_allocate(tiny.config, tiny.params, windows, scoring="signed", alpha=0.2)
+
+
 def _calibrate(model_dir, out, *args):
   return subprocess.run([sys.executable, os.path.join(REPO, "scripts", "calibrate.py"),
                          f"--model={model_dir}", f"--out={out}", *args],
@@ -103,7 +156,8 @@ def calibration_text(tmp_path):
 def test_calibrate_script_meets_the_target(tiny_llama_with_tokenizer, calibration_text, tmp_path):
   out = tmp_path / "beta.json"
   common = [f"--data={calibration_text}", "--windows=2", "--window_context=24",
-            "--window_continuation=24", "--betas=0.25,0.5,0.75", "--noprogress"]
+            "--window_continuation=24", "--allocation=additive", "--betas=0.25,0.5,0.75",
+            "--noprogress"]
   run = _calibrate(tiny_llama_with_tokenizer, out, *common, "--target_ffn_fraction=0.6", "--loss=kl")
   assert run.returncode == 0, run.stderr
   record = json.loads(out.read_text())
@@ -125,10 +179,26 @@ def test_calibrate_script_meets_the_target(tiny_llama_with_tokenizer, calibratio
   assert other.returncode == 2 and "betas differ" in other.stderr
 
 
+def test_calibrate_script_greedy(tiny_llama_with_tokenizer, calibration_text, tmp_path):
+  out = tmp_path / "beta.json"
+  run = _calibrate(tiny_llama_with_tokenizer, out, f"--data={calibration_text}", "--windows=2",
+                   "--window_context=24", "--window_continuation=24", "--steps=10",
+                   "--target_ffn_fraction=0.8", "--noprogress")
+  assert run.returncode == 0, run.stderr
+  record = json.loads(out.read_text())
+  betas = read_beta_file(str(out), 3)
+  assert record["ffn_fraction"] == calibration.ffn_fraction(betas, 96) <= 0.8
+  assert record["calibration"]["allocation"] == "greedy"
+  assert record["measured"]["nll"] == record["trajectory"][-1]["nll"]
+  assert record["measured"]["perplexity_increase"] == pytest.approx(
+      np.expm1(record["measured"]["nll"]))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--max_loss=0.1", "--target_ffn_fraction=0.5"], "exactly one"),
     (["--target_ffn_fraction=0.5", "--scoring=top"], "unknown scoring"),
     (["--target_ffn_fraction=0.5", "--windows=50"], "windows of 512 tokens"),
+    (["--target_ffn_fraction=0.5", "--reuse_sensitivity=x.json"], "needs --allocation=additive"),
 ])
 def test_calibrate_script_errors(tiny_llama_with_tokenizer, calibration_text, tmp_path, args, message):
   run = _calibrate(tiny_llama_with_tokenizer, tmp_path / "b.json", f"--data={calibration_text}",

@@ -91,14 +91,38 @@ def test_beta_one_equals_dense_and_beta_below_one_differs_on_log_likelihood_task
   assert not np.array_equal(mc[methods[3].name].logprob_sums, mc["dense"].logprob_sums)
 
 
-def test_beta_one_equals_dense_and_beta_below_one_differs_on_generation(tiny):
-  prompts = random_prompts([9, 14, 5], seed=11)
-  dense = Generator(tiny.config, tiny.params, cache_len=64)
-  full = Generator(tiny.config, tiny.params, cache_len=64, core=_stability(tiny, 1.0).spec)
-  half = Generator(tiny.config, tiny.params, cache_len=64, core=_stability(tiny, 0.3).spec)
-  expected = [r.token_ids for r in dense.generate_ids(prompts, 12)[0]]
-  assert [r.token_ids for r in full.generate_ids(prompts, 12)[0]] == expected
-  assert [r.token_ids for r in half.generate_ids(prompts, 12)[0]] != expected
+def test_batched_generation_equals_each_methods_generator(tiny):
+  """Every method decoding as a masked row of one batch gives the tokens its
+  own Generator (gathered FFNs) gives; β = 1 is dense, β < 1 differs."""
+  methods = [Method("dense"), _stability(tiny, 1.0), _stability(tiny, 0.3),
+             _stability(tiny, 0.5, "griffin", "paper")]
+  scorer = ContinuationScorer(tiny.config, tiny.params, methods, cache_len=64, buckets=(16, 32))
+  sparse_differs = []
+  for prompt in random_prompts([9, 14, 5], seed=11):
+    got = {name: r.token_ids for name, r in scorer.generate(prompt, 12).items()}
+    for m in methods:
+      expected = Generator(tiny.config, tiny.params, cache_len=64, buckets=(16, 32),
+                           core=m.spec).generate_ids([prompt], 12)[0][0].token_ids
+      assert got[m.name] == expected, m.name
+    assert got[methods[1].name] == got["dense"]
+    sparse_differs.append(got[methods[2].name] != got["dense"])
+  assert any(sparse_differs)
+  # One executable for every method and prompt (all fit bucket 16).
+  assert scorer.compiled.compiles["generate12"] == 1
+
+
+def test_batched_generation_stops_at_eos(tiny):
+  scorer = ContinuationScorer(tiny.config, tiny.params, [Method("dense"), _stability(tiny, 0.3)],
+                              cache_len=64, buckets=(16,))
+  prompt = random_prompts([7], seed=5)[0]
+  full = scorer.generate(prompt, 10)
+  eos = full["dense"].token_ids[3]
+  cut = scorer.generate(prompt, 10, eos_ids=[eos])
+  first = full["dense"].token_ids.index(eos)
+  assert cut["dense"].token_ids == full["dense"].token_ids[:first]
+  assert cut["dense"].finish_reason == "eos"
+  with pytest.raises(ValueError, match="at least one token"):
+    scorer.generate([], 4)
 
 
 def test_scorer_compiles_once_per_shape(tiny):
