@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags
 
 from coreinfer_jax import cli, evaluation, plots, tasks
-from coreinfer_jax.scoring import ContinuationScorer, Method
+from coreinfer_jax.generation import DEFAULT_BUCKETS
+from coreinfer_jax.scoring import CONTINUATION_BUCKETS, ContinuationScorer, Method
 
 cli.define_model_flags()
 flags.DEFINE_list("tasks", ["wikitext", "piqa"], f"tasks: {', '.join(tasks.TASKS)}")
@@ -36,11 +37,16 @@ flags.DEFINE_list("layer_sets", ["paper"], "stability: sparsified layer sets, ea
                   "'all' or 'A:B'")
 flags.DEFINE_float("alpha", 0.2, "token-wise core fraction (signed, magnitude scorings)")
 flags.DEFINE_string("beta_file", None, "per-layer β file (scripts/calibrate.py)")
+flags.DEFINE_list("beta_file_scorings", [], "scorings for --beta_file (default: --scorings)")
 flags.DEFINE_string("cluster_dir", None, "similarity: the folder scripts/cluster.py wrote")
 flags.DEFINE_string("data_dir", None, "the shared data folder (see its SOURCES.md)")
 flags.DEFINE_integer("limit", None, "examples per multiple-choice and generation task")
 flags.DEFINE_integer("generation_limit", None, "examples per generation task (default: --limit)")
 flags.DEFINE_integer("num_fewshot", 0, "few-shot examples (taken from the end of each file)")
+flags.DEFINE_list("buckets", [str(b) for b in DEFAULT_BUCKETS], "context and prompt lengths "
+                  "padded to (fewer buckets: fewer compiles, more padding)")
+flags.DEFINE_list("continuation_buckets", [str(b) for b in CONTINUATION_BUCKETS],
+                  "continuation lengths padded to")
 flags.DEFINE_integer("windows", 8, "wikitext: number of windows")
 flags.DEFINE_integer("window_context", 256, "wikitext: context tokens per window (dense prefill)")
 flags.DEFINE_integer("window_continuation", 256, "wikitext: continuation tokens per window (scored)")
@@ -80,8 +86,8 @@ def build_methods(config, fingerprint):
                                             FLAGS.layer_sets, FLAGS.alpha)
   if FLAGS.beta_file:
     label = "beta_file:" + os.path.splitext(os.path.basename(FLAGS.beta_file))[0]
-    methods += evaluation.beta_file_methods(config, FLAGS.beta_file, label, FLAGS.scorings,
-                                            FLAGS.alpha)
+    methods += evaluation.beta_file_methods(config, FLAGS.beta_file, label,
+                                            FLAGS.beta_file_scorings or FLAGS.scorings, FLAGS.alpha)
   if "similarity" in FLAGS.methods:
     art = cli.clusters_for("similarity", FLAGS.cluster_dir, config, None, fingerprint)
     methods.append(Method("similarity", art.spec, art, kind="similarity", family="similarity"))
@@ -103,7 +109,9 @@ def main(argv):
   fingerprint = cli.model_fingerprint(FLAGS.model)
   methods = build_methods(config, fingerprint)
   m, load_seconds = cli.load(FLAGS.model, cli.resolve_dtype(FLAGS.dtype))
-  scorer = ContinuationScorer(m.config, m.params, methods, cache_len=FLAGS.cache_len)
+  scorer = ContinuationScorer(m.config, m.params, methods, cache_len=FLAGS.cache_len,
+                              buckets=[int(b) for b in FLAGS.buckets],
+                              continuation_buckets=[int(b) for b in FLAGS.continuation_buckets])
   t0 = time.perf_counter()
   results = []
   for task in chosen:
@@ -134,6 +142,7 @@ def main(argv):
 
 def settings(fingerprint, load_seconds, t0):
   names = ["model", "tasks", "methods", "betas", "scorings", "layer_sets", "alpha", "beta_file",
+           "beta_file_scorings", "buckets", "continuation_buckets",
            "cluster_dir", "data_dir", "limit", "generation_limit", "num_fewshot", "windows",
            "window_context", "window_continuation", "cache_len", "dtype"]
   return dict({n: FLAGS[n].value for n in names}, fingerprint=fingerprint,
