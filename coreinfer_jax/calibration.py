@@ -272,6 +272,57 @@ class GreedyAllocation:
   trajectory: List[GreedyStep]                # every step taken, in order
 
 
+class JointLoss:
+  """Measures per-layer budgets jointly on fixed windows: each window's dense
+  pass (cache, neuron ranking, first token) is computed once; `__call__` scores
+  candidate budgets (int [L] kept neurons each) as rows of batched passes."""
+
+  def __init__(self, config: ModelConfig, params: ModelParams, windows: Sequence[Window], *,
+               scoring: str, alpha: float, rows_per_pass: int = 8):
+    self.config, self.params, self.rows_per_pass = config, params, rows_per_pass
+    context_len = max(len(w.context) for w in windows)
+    continuation_len = max(len(w.continuation) for w in windows)
+    self.compiled = CompiledFunctions()
+    self._loss = budget_loss_fn(config)
+    prefill = ranking_prefill_fn(config, context_len + continuation_len, scoring, alpha)
+    self.prefilled, self.tokens = [], 0
+    for w in windows:
+      tokens_BT, start_B = left_pad([w.context], context_len)
+      first_logprobs, cache, positions = self.compiled("prefill", prefill, params,
+                                                       jnp.asarray(tokens_BT), jnp.asarray(start_B))
+      ids = np.asarray(w.continuation, np.int32)
+      self.prefilled.append((cache, positions, jnp.asarray(ids[None, :-1]),
+                             jnp.asarray(ids[None, 1:]), float(first_logprobs[0, ids[0]])))
+      self.tokens += len(ids)   # the first token is dense in every row: no loss
+    self.dense_nll = None
+
+  def kept(self, layer_beta: Sequence[Optional[float]]) -> np.ndarray:
+    F = self.config.intermediate_size
+    return np.array([F if b is None else num_core_neurons(b, F) for b in layer_beta])
+
+  def __call__(self, candidates: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    """(NLL increase over dense [n], KL to dense [n]), per continuation token."""
+    L, F = self.config.num_layers, self.config.intermediate_size
+    nll, kl = np.zeros(len(candidates)), np.zeros(len(candidates))
+    dense = 0.0
+    for chunk in range(0, len(candidates), self.rows_per_pass):
+      group = list(candidates[chunk:chunk + self.rows_per_pass])
+      rows = np.stack([np.full(L, F)] + group + [group[-1]] * (self.rows_per_pass - len(group)))
+      for cache, positions, inputs, targets, first in self.prefilled:
+        row_nll, row_kl = self.compiled("loss", self._loss, self.params, cache, inputs, targets,
+                                        positions, jnp.asarray(rows, jnp.int32))
+        row_nll, row_kl = np.asarray(row_nll, np.float64), np.asarray(row_kl, np.float64)
+        nll[chunk:chunk + len(group)] += row_nll[1:1 + len(group)] - row_nll[0]
+        kl[chunk:chunk + len(group)] += row_kl[1:1 + len(group)]
+        dense += row_nll[0] - first if chunk == 0 else 0.0
+    self.dense_nll = dense / self.tokens
+    return nll / self.tokens, kl / self.tokens
+
+
+def _loss_bound(kind: str, max_loss: float) -> float:
+  return math.log1p(max_loss) if kind == "nll" else max_loss
+
+
 def greedy_allocate(config: ModelConfig, params: ModelParams, windows: Sequence[Window], *,
                     scoring: str, alpha: float, layers: Optional[Sequence[int]] = None,
                     kind: str = "nll", target_ffn_fraction: Optional[float] = None,
@@ -290,47 +341,14 @@ def greedy_allocate(config: ModelConfig, params: ModelParams, windows: Sequence[
     raise ValueError(f"max_loss must be positive, got {max_loss}")
   L, F = config.num_layers, config.intermediate_size
   layers = tuple(range(L)) if layers is None else tuple(layers)
-  context_len = max(len(w.context) for w in windows)
-  continuation_len = max(len(w.continuation) for w in windows)
-  compiled = CompiledFunctions()
-  prefill = ranking_prefill_fn(config, context_len + continuation_len, scoring, alpha)
-  loss_fn = budget_loss_fn(config)
-
-  prefilled, tokens = [], 0
-  for w in windows:    # the dense pass of each window, kept for every step
-    tokens_BT, start_B = left_pad([w.context], context_len)
-    first_logprobs, cache, positions = compiled("prefill", prefill, params, jnp.asarray(tokens_BT),
-                                                jnp.asarray(start_B))
-    ids = np.asarray(w.continuation, np.int32)
-    prefilled.append((cache, positions, jnp.asarray(ids[None, :-1]), jnp.asarray(ids[None, 1:]),
-                      float(first_logprobs[0, ids[0]])))
-    tokens += len(ids)   # the first token is dense in every row: no loss
-
-  def measure(candidates: List[np.ndarray]) -> Tuple[np.ndarray, np.ndarray, float]:
-    """(NLL increase [n], KL [n], dense NLL) per token, each candidate int [L] of kept neurons."""
-    nll, kl = np.zeros(len(candidates)), np.zeros(len(candidates))
-    dense = 0.0
-    for chunk in range(0, len(candidates), rows_per_pass):
-      group = candidates[chunk:chunk + rows_per_pass]
-      rows = np.stack([np.full(L, F)] + group + [group[-1]] * (rows_per_pass - len(group)))
-      for cache, positions, inputs, targets, first in prefilled:
-        row_nll, row_kl = compiled("loss", loss_fn, params, cache, inputs, targets, positions,
-                                   jnp.asarray(rows, jnp.int32))
-        row_nll, row_kl = np.asarray(row_nll, np.float64), np.asarray(row_kl, np.float64)
-        nll[chunk:chunk + len(group)] += row_nll[1:1 + len(group)] - row_nll[0]
-        kl[chunk:chunk + len(group)] += row_kl[1:1 + len(group)]
-        dense += row_nll[0] - first if chunk == 0 else 0.0
-    return nll / tokens, kl / tokens, dense / tokens
-
-  bound = None if max_loss is None else (math.log1p(max_loss) if kind == "nll" else max_loss)
+  measure = JointLoss(config, params, windows, scoring=scoring, alpha=alpha,
+                      rows_per_pass=rows_per_pass)
+  bound = None if max_loss is None else _loss_bound(kind, max_loss)
   min_units = max(1, math.ceil(min_beta * steps - 1e-9))
   units = {layer: steps for layer in layers}
-  kept = lambda u: np.array([F if l not in u or u[l] == steps else num_core_neurons(u[l] / steps, F)
-                             for l in range(L)])
   betas = lambda u: [None if l not in u or u[l] == steps else u[l] / steps for l in range(L)]
   trajectory: List[GreedyStep] = []
   current = (0.0, 0.0)
-  dense_nll = None
   bar = tqdm(desc="greedy calibration", disable=not progress)
   while target_ffn_fraction is None or ffn_fraction(betas(units), F) > target_ffn_fraction + 1e-12:
     movable = [layer for layer in layers if units[layer] > min_units]
@@ -340,8 +358,7 @@ def greedy_allocate(config: ModelConfig, params: ModelParams, windows: Sequence[
                          f"{min_beta} allows in {len(layers)} of {L} layers")
       break
     trials = [{**units, layer: units[layer] - 1} for layer in movable]
-    nll, kl, dense = measure([kept(t) for t in trials])
-    dense_nll = dense if dense_nll is None else dense_nll
+    nll, kl = measure([measure.kept(betas(t)) for t in trials])
     losses = nll if kind == "nll" else kl
     best = int(np.argmin(losses))      # ties: the earliest layer
     if bound is not None and losses[best] > bound + 1e-12:
@@ -355,4 +372,41 @@ def greedy_allocate(config: ModelConfig, params: ModelParams, windows: Sequence[
   bar.close()
   layer_beta = tuple(betas(units))
   return GreedyAllocation(layer_beta, ffn_fraction(layer_beta, F), current[0], current[1],
-                          dense_nll or 0.0, tokens, trajectory)
+                          measure.dense_nll or 0.0, measure.tokens, trajectory)
+
+
+def trajectory_budgets(trajectory: Sequence[GreedyStep], num_layers: int
+                       ) -> List[Tuple[Optional[float], ...]]:
+  """Per-layer β after each step of a greedy trajectory."""
+  layer_beta: List[Optional[float]] = [None] * num_layers
+  out = []
+  for step in trajectory:
+    layer_beta[step.layer] = step.beta
+    out.append(tuple(layer_beta))
+  return out
+
+
+@dataclasses.dataclass
+class HeldOutStop:
+  chosen: int                 # steps of the trajectory kept (0: none)
+  nll: np.ndarray             # per step, measured on the held-out windows
+  kl: np.ndarray
+  dense_nll: float
+  tokens: int
+
+
+def held_out_stop(config: ModelConfig, params: ModelParams, windows: Sequence[Window],
+                  trajectory: Sequence[GreedyStep], *, scoring: str, alpha: float,
+                  kind: str, max_loss: float, rows_per_pass: int = 8) -> HeldOutStop:
+  """Early stopping on held-out windows: the greedy search picks each step on
+  its calibration windows, taking the cheapest of many noisy candidates, so
+  its own measurement runs low. Each prefix of the trajectory is measured
+  jointly on other windows, and the prefix up to the deepest step whose loss
+  there is within `max_loss` is kept."""
+  measure = JointLoss(config, params, windows, scoring=scoring, alpha=alpha,
+                      rows_per_pass=rows_per_pass)
+  budgets = trajectory_budgets(trajectory, config.num_layers)
+  nll, kl = measure([measure.kept(b) for b in budgets])
+  within = np.flatnonzero((nll if kind == "nll" else kl) <= _loss_bound(kind, max_loss) + 1e-12)
+  return HeldOutStop(int(within.max()) + 1 if len(within) else 0, nll, kl, measure.dense_nll,
+                     measure.tokens)

@@ -11,6 +11,13 @@ layer's sensitivity alone (the increase of the continuation's NLL and its KL
 to dense at each β of --betas) and allocates by an exact dynamic programme on
 the sum of those losses: one measurement, any target, but it assumes the
 losses add up, which on SmolLM2 they do not.
+
+--holdout_windows=N stops the greedy trajectory early on held-out windows
+(--holdout_data, default --data, from window --holdout_skip_windows on): each
+prefix is measured jointly there and the deepest step within --max_loss is
+kept, since the search's own measurement runs low (it takes the cheapest of
+many noisy candidates). --reuse_trajectory=FILE takes the search from an
+earlier greedy β file (e.g. one run on an accelerator) and only re-stops it.
 Calibrate on text that is not evaluated (evaluate.py refuses a β file
 calibrated on its WikiText-2 test file). --reuse_sensitivity=FILE takes the
 measured table from an earlier output with the same model and settings.
@@ -55,19 +62,30 @@ flags.DEFINE_float("max_loss", None, "largest predicted loss: for nll the relati
 flags.DEFINE_integer("steps", 20, "β resolution of the allocation (1/steps)")
 flags.DEFINE_string("reuse_sensitivity", None, "additive: an earlier output whose sensitivity "
                     "table to reuse")
+flags.DEFINE_string("holdout_data", None, "greedy: held-out text for early stopping (default --data)")
+flags.DEFINE_integer("holdout_windows", 0, "greedy: held-out windows (0: stop on the search's own)")
+flags.DEFINE_integer("holdout_skip_windows", 0, "greedy: windows skipped at the start of the "
+                     "held-out text (keep them apart from the search's and the evaluation's)")
+flags.DEFINE_string("reuse_trajectory", None, "greedy: an earlier greedy β file whose trajectory "
+                    "to re-stop on the held-out windows")
 flags.DEFINE_string("out", None, "the β file to write")
 flags.DEFINE_bool("progress", True, "progress bar")
 FLAGS = flags.FLAGS
 
 
-def data_record(fingerprint: str):
-  with open(FLAGS.data, "rb") as fh:
+def text_record(path: str, windows: int, skip_windows: int) -> dict:
+  """Which windows of which text were read (evaluate.py checks them against its own)."""
+  with open(path, "rb") as fh:
     digest = hashlib.sha256(fh.read()).hexdigest()
-  record = {"data": os.path.abspath(FLAGS.data), "sha256": digest, "windows": FLAGS.windows,
-            "skip_windows": FLAGS.skip_windows, "window_context": FLAGS.window_context,
-            "window_continuation": FLAGS.window_continuation, "scoring": FLAGS.scoring,
-            "alpha": FLAGS.alpha, "layers": FLAGS.layers, "model_fingerprint": fingerprint,
-            "allocation": FLAGS.allocation}
+  return {"data": os.path.abspath(path), "sha256": digest, "windows": windows,
+          "skip_windows": skip_windows, "window_context": FLAGS.window_context,
+          "window_continuation": FLAGS.window_continuation}
+
+
+def data_record(fingerprint: str):
+  record = dict(text_record(FLAGS.data, FLAGS.windows, FLAGS.skip_windows), scoring=FLAGS.scoring,
+                alpha=FLAGS.alpha, layers=FLAGS.layers, model_fingerprint=fingerprint,
+                allocation=FLAGS.allocation)
   if FLAGS.allocation == "additive":
     record["betas"] = [float(b) for b in FLAGS.betas]
   else:
@@ -101,25 +119,33 @@ def main(argv):
   t0 = time.perf_counter()
   if FLAGS.reuse_sensitivity and FLAGS.allocation != "additive":
     raise ValueError("--reuse_sensitivity needs --allocation=additive")
+  if FLAGS.allocation == "additive" and (FLAGS.holdout_windows or FLAGS.reuse_trajectory):
+    raise ValueError("--holdout_windows and --reuse_trajectory need --allocation=greedy")
+  if (FLAGS.holdout_windows or FLAGS.reuse_trajectory) and FLAGS.max_loss is None:
+    raise ValueError("held-out early stopping (--holdout_windows, --reuse_trajectory) needs --max_loss")
+  if FLAGS.reuse_trajectory and not FLAGS.holdout_windows:
+    raise ValueError("--reuse_trajectory needs --holdout_windows to re-stop it on")
   if FLAGS.reuse_sensitivity:
     out = additive(reused(record), config)
   else:
     m, _ = cli.load(FLAGS.model, cli.resolve_dtype(FLAGS.dtype))
-    with open(FLAGS.data, encoding="utf-8") as fh:
-      ids = m.tokenizer(fh.read())["input_ids"]
-    windows = tasks.token_windows(ids, FLAGS.window_context, FLAGS.window_continuation,
-                                  FLAGS.windows, FLAGS.skip_windows)
     if FLAGS.allocation == "additive":
       out = additive(calibration.measure_sensitivity(
-          m.config, m.params, windows, betas=[float(b) for b in FLAGS.betas],
-          scoring=FLAGS.scoring, alpha=FLAGS.alpha, layers=layers, rows_per_pass=FLAGS.rows_per_pass,
-          progress=FLAGS.progress), config)
+          m.config, m.params, windows_of(m, FLAGS.data, FLAGS.windows, FLAGS.skip_windows),
+          betas=[float(b) for b in FLAGS.betas], scoring=FLAGS.scoring, alpha=FLAGS.alpha,
+          layers=layers, rows_per_pass=FLAGS.rows_per_pass, progress=FLAGS.progress), config)
     else:
-      out = greedy(calibration.greedy_allocate(
-          m.config, m.params, windows, scoring=FLAGS.scoring, alpha=FLAGS.alpha, layers=layers,
-          kind=FLAGS.loss, target_ffn_fraction=FLAGS.target_ffn_fraction,
-          max_loss=FLAGS.max_loss, steps=FLAGS.steps, min_beta=FLAGS.min_beta,
-          rows_per_pass=FLAGS.rows_per_pass, progress=FLAGS.progress))
+      if FLAGS.reuse_trajectory:
+        out, record = reused_trajectory(record)
+      else:
+        out = greedy(calibration.greedy_allocate(
+            m.config, m.params, windows_of(m, FLAGS.data, FLAGS.windows, FLAGS.skip_windows),
+            scoring=FLAGS.scoring, alpha=FLAGS.alpha, layers=layers, kind=FLAGS.loss,
+            target_ffn_fraction=FLAGS.target_ffn_fraction, max_loss=FLAGS.max_loss,
+            steps=FLAGS.steps, min_beta=FLAGS.min_beta, rows_per_pass=FLAGS.rows_per_pass,
+            progress=FLAGS.progress))
+      if FLAGS.holdout_windows:
+        out = held_out(m, out)
   if all(b is None for b in out["beta"]):
     raise ValueError("no layer could be sparsified within --max_loss: every step of "
                      f"1/{FLAGS.steps} already passes it")
@@ -127,6 +153,46 @@ def main(argv):
              calibration=record, seconds=time.perf_counter() - t0)
   cli.write_json(FLAGS.out, out)
   print(json.dumps({k: out[k] for k in ("beta", "ffn_fraction", "predicted", "measured") if k in out}))
+
+
+def windows_of(m, path: str, count: int, skip: int):
+  with open(path, encoding="utf-8") as fh:
+    ids = m.tokenizer(fh.read())["input_ids"]
+  return tasks.token_windows(ids, FLAGS.window_context, FLAGS.window_continuation, count, skip)
+
+
+def reused_trajectory(record: dict):
+  """An earlier greedy search (its trajectory and settings) to re-stop."""
+  with open(FLAGS.reuse_trajectory) as fh:
+    earlier = json.load(fh)
+  search = earlier.get("calibration", {})
+  if search.get("allocation") != "greedy" or "trajectory" not in earlier:
+    raise ValueError(f"--reuse_trajectory {FLAGS.reuse_trajectory} is not a greedy β file")
+  differ = [k for k in ("scoring", "alpha", "model_fingerprint", "loss") if search.get(k) != record[k]]
+  if differ:
+    raise ValueError(f"--reuse_trajectory {FLAGS.reuse_trajectory} was searched with other "
+                     f"settings ({', '.join(differ)} differ)")
+  return {k: earlier[k] for k in ("beta", "ffn_fraction", "measured", "trajectory")}, search
+
+
+def held_out(m, out: dict) -> dict:
+  """`out` stopped early on the held-out windows (calibration.held_out_stop)."""
+  path = FLAGS.holdout_data or FLAGS.data
+  trajectory = [calibration.GreedyStep(**step) for step in out["trajectory"]]
+  stop = calibration.held_out_stop(
+      m.config, m.params, windows_of(m, path, FLAGS.holdout_windows, FLAGS.holdout_skip_windows),
+      trajectory, scoring=FLAGS.scoring, alpha=FLAGS.alpha, kind=FLAGS.loss,
+      max_loss=FLAGS.max_loss, rows_per_pass=FLAGS.rows_per_pass)
+  budgets = calibration.trajectory_budgets(trajectory, m.config.num_layers)
+  beta = list(budgets[stop.chosen - 1]) if stop.chosen else [None] * m.config.num_layers
+  chosen = stop.chosen - 1
+  held = {"nll": float(stop.nll[chosen]), "kl": float(stop.kl[chosen])} if stop.chosen else {}
+  return dict(out, beta=beta, ffn_fraction=calibration.ffn_fraction(beta, m.config.intermediate_size),
+              search_measured=out["measured"], measured=dict(
+                  held, perplexity_increase=math.expm1(held.get("nll", 0.0)),
+                  dense_nll=stop.dense_nll, tokens=stop.tokens, on="holdout"),
+              holdout=dict(text_record(path, FLAGS.holdout_windows, FLAGS.holdout_skip_windows),
+                           steps_kept=stop.chosen, nll=stop.nll.tolist(), kl=stop.kl.tolist()))
 
 
 def perplexity_increase(loss: dict) -> dict:

@@ -63,15 +63,24 @@ def file_sha256(path: str) -> str:
 
 
 def check_calibration_disjoint(beta_file: str, data_dir: str) -> None:
-  """Calibrated budgets must not be evaluated on their own calibration text."""
+  """Calibrated budgets must not be evaluated on the windows they were
+  calibrated (or early-stopped) on: any window of the β file's texts that is
+  the WikiText-2 test file must lie past the windows evaluated here."""
   with open(beta_file) as fh:
     record = json.load(fh)
-  calibration = record.get("calibration", {}) if isinstance(record, dict) else {}
   wikitext = os.path.join(data_dir, "wikitext2_raw", "wiki.test.raw")
-  if calibration.get("sha256") and os.path.exists(wikitext) and \
-     calibration["sha256"] == file_sha256(wikitext):
-    raise ValueError(f"{beta_file} was calibrated on {wikitext}, the text wikitext evaluates: "
-                     "calibrate on other text (e.g. WikiText-2 validation)")
+  if not isinstance(record, dict) or not os.path.exists(wikitext):
+    return
+  evaluated_end = FLAGS.windows * (FLAGS.window_context + FLAGS.window_continuation)
+  for source in (record.get("calibration"), record.get("holdout")):
+    if not source or source.get("sha256") != file_sha256(wikitext):
+      continue
+    size = source.get("window_context", 0) + source.get("window_continuation", 0)
+    start = source.get("skip_windows", 0) * size
+    if not size or start < evaluated_end:
+      raise ValueError(f"{beta_file} was calibrated on windows of {wikitext} from token {start} "
+                       f"on, which overlap the {FLAGS.windows} windows evaluated here (tokens 0 to "
+                       f"{evaluated_end}): calibrate on other text or skip past them")
 
 
 def build_methods(config, fingerprint):

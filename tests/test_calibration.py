@@ -139,6 +139,25 @@ def test_greedy_max_loss_stops_within_the_bound(tiny):
     calibration.greedy_allocate(tiny.config, tiny.params, windows, scoring="signed", alpha=0.2)
 
 
+def test_held_out_stop_measures_each_prefix(tiny):
+  search = calibration.greedy_allocate(tiny.config, tiny.params, _windows(2), scoring="griffin",
+                                       alpha=0.2, target_ffn_fraction=0.6, steps=5,
+                                       rows_per_pass=4, progress=False)
+  held = _windows(9)
+  budgets = calibration.trajectory_budgets(search.trajectory, tiny.config.num_layers)
+  assert budgets[-1] == search.layer_beta
+  bound = 0.03
+  stop = calibration.held_out_stop(tiny.config, tiny.params, held, search.trajectory,
+                                   scoring="griffin", alpha=0.2, kind="kl", max_loss=bound,
+                                   rows_per_pass=3)
+  measure = calibration.JointLoss(tiny.config, tiny.params, held, scoring="griffin", alpha=0.2)
+  nll, kl = measure([measure.kept(b) for b in budgets])
+  np.testing.assert_allclose(stop.kl, kl, atol=1e-6)
+  np.testing.assert_allclose(stop.nll, nll, atol=1e-6)
+  assert stop.chosen == max([i + 1 for i, v in enumerate(kl) if v <= bound], default=0)
+  assert 0 < stop.chosen < len(budgets)     # this bound stops the trajectory part way
+
+
 def _calibrate(model_dir, out, *args):
   return subprocess.run([sys.executable, os.path.join(REPO, "scripts", "calibrate.py"),
                          f"--model={model_dir}", f"--out={out}", *args],
@@ -194,11 +213,61 @@ def test_calibrate_script_greedy(tiny_llama_with_tokenizer, calibration_text, tm
       np.expm1(record["measured"]["nll"]))
 
 
+def test_calibrate_script_held_out_stop_and_evaluation_overlap(tiny_llama_with_tokenizer,
+                                                               calibration_text, tmp_path):
+  out = tmp_path / "beta.json"
+  common = [f"--data={calibration_text}", "--window_context=16", "--window_continuation=16",
+            "--steps=5", "--loss=kl", "--noprogress"]
+  run = _calibrate(tiny_llama_with_tokenizer, out, *common, "--windows=2", "--max_loss=1.0",
+                   "--holdout_windows=2", "--holdout_skip_windows=2")
+  assert run.returncode == 0, run.stderr
+  record = json.loads(out.read_text())
+  kept = record["holdout"]["steps_kept"]
+  assert record["measured"]["on"] == "holdout" and record["measured"]["kl"] <= 1.0
+  assert record["measured"]["kl"] == record["holdout"]["kl"][kept - 1]
+  assert len(record["holdout"]["kl"]) == len(record["trajectory"])
+  # Re-stopping the same trajectory with a tighter bound keeps fewer steps.
+  again = tmp_path / "again.json"
+  run = _calibrate(tiny_llama_with_tokenizer, again, *common, "--windows=2", "--max_loss=0.2",
+                   "--holdout_windows=2", "--holdout_skip_windows=2", f"--reuse_trajectory={out}")
+  assert run.returncode == 0, run.stderr
+  tighter = json.loads(again.read_text())
+  assert tighter["holdout"]["steps_kept"] <= kept
+  assert tighter["trajectory"] == record["trajectory"]
+
+  # evaluate.py refuses β files whose windows overlap the evaluated WikiText-2 windows.
+  data = tmp_path / "data"
+  (data / "wikitext2_raw").mkdir(parents=True)
+  (data / "wikitext2_raw" / "wiki.test.raw").write_text(open(calibration_text).read())
+  evaluate = lambda beta_file, windows: subprocess.run(
+      [sys.executable, os.path.join(REPO, "scripts", "evaluate.py"),
+       f"--model={tiny_llama_with_tokenizer}", f"--data_dir={data}", "--tasks=wikitext",
+       "--methods=dense", f"--beta_file={beta_file}", "--beta_file_scorings=griffin",
+       "--window_context=16", "--window_continuation=16", f"--windows={windows}", "--noprogress",
+       f"--json_out={tmp_path / 'e.json'}"], capture_output=True, text=True, timeout=600)
+  overlap = evaluate(out, 3)
+  assert overlap.returncode == 2 and "overlap" in overlap.stderr, overlap.stderr
+  # Held-out windows 2-3 lie past 2 evaluated windows, but the search's windows 0-1 do not.
+  assert "from token 0" in overlap.stderr
+  searched_apart = tmp_path / "apart.json"
+  run = _calibrate(tiny_llama_with_tokenizer, searched_apart, *common, "--windows=2",
+                   "--skip_windows=4", "--max_loss=1.0", "--holdout_windows=2",
+                   "--holdout_skip_windows=2")
+  assert run.returncode == 0, run.stderr
+  fine = evaluate(searched_apart, 2)
+  assert fine.returncode == 0, fine.stderr
+  methods = [r["method"] for r in json.loads((tmp_path / "e.json").read_text())["results"]]
+  assert methods == ["dense", "beta_file:apart/griffin"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--max_loss=0.1", "--target_ffn_fraction=0.5"], "exactly one"),
     (["--target_ffn_fraction=0.5", "--scoring=top"], "unknown scoring"),
     (["--target_ffn_fraction=0.5", "--windows=50"], "windows of 512 tokens"),
     (["--target_ffn_fraction=0.5", "--reuse_sensitivity=x.json"], "needs --allocation=additive"),
+    (["--target_ffn_fraction=0.5", "--holdout_windows=2"], "needs --max_loss"),
+    (["--max_loss=0.5", "--reuse_trajectory=x.json"], "needs --holdout_windows"),
+    (["--max_loss=0.5", "--allocation=additive", "--holdout_windows=2"], "need --allocation=greedy"),
 ])
 def test_calibrate_script_errors(tiny_llama_with_tokenizer, calibration_text, tmp_path, args, message):
   run = _calibrate(tiny_llama_with_tokenizer, tmp_path / "b.json", f"--data={calibration_text}",
