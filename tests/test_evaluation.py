@@ -1,6 +1,11 @@
 """Evaluation under sparsity: continuations scored as decoding runs, β = 1
 equals dense on every task kind, β < 1 differs (no dense-prefill trap)."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +16,7 @@ from coreinfer_jax.cache import init_cache
 from coreinfer_jax.core import core_spec
 from coreinfer_jax.generation import Generator
 from coreinfer_jax.scoring import ContinuationScorer, Method
-from tests.conftest import make_tiny_hf_model, random_prompts
+from tests.conftest import REPO, make_tiny_hf_model, random_prompts
 
 
 @pytest.fixture(scope="module", params=["llama_tied", "opt_pre_ln"])
@@ -146,3 +151,33 @@ def test_scorer_errors(tiny):
     scorer.score([3, 4], [list(range(3, 40))])
   with pytest.raises(ValueError, match="repeat"):
     ContinuationScorer(tiny.config, tiny.params, [Method("dense"), Method("dense")])
+
+
+def _run_file(tmp_path, name, results):
+  path = tmp_path / name
+  path.write_text(json.dumps({"settings": {"limit": 2}, "results": results}))
+  return str(path)
+
+
+def _record(task, method, value, n=2):
+  return {"task": task, "method": method, "kind": "dense" if method == "dense" else "stability",
+          "family": method, "metrics": {"acc": value}, "n": n, "ffn_bytes_fraction": 1.0}
+
+
+def test_merge_results_keeps_agreeing_repeats_and_refuses_disagreeing(tmp_path):
+  a = _run_file(tmp_path, "a.json", [_record("piqa", "dense", 0.5), _record("piqa", "s", 0.4)])
+  b = _run_file(tmp_path, "b.json", [_record("piqa", "dense", 0.5), _record("arc_easy", "s", 0.3)])
+  script = [sys.executable, os.path.join(REPO, "scripts", "merge_results.py")]
+  out = tmp_path / "m.json"
+  run = subprocess.run(script + [f"--inputs={a},{b}", f"--json_out={out}", "--labels=gpu,cpu",
+                                 "--metrics=piqa:acc"], capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr
+  merged = json.loads(out.read_text())
+  assert [(r["task"], r["method"]) for r in merged["results"]] == [
+      ("piqa", "dense"), ("piqa", "s"), ("arc_easy", "s")]
+  assert [r["label"] for r in merged["runs"]] == ["gpu", "cpu"]
+  assert "arc_easy" not in (tmp_path / "m.md").read_text()    # only the chosen column
+  c = _run_file(tmp_path, "c.json", [_record("piqa", "dense", 0.6)])
+  run = subprocess.run(script + [f"--inputs={a},{c}", f"--json_out={out}"],
+                       capture_output=True, text=True)
+  assert run.returncode == 2 and "disagrees" in run.stderr

@@ -1,0 +1,82 @@
+"""Merge evaluate.py outputs (runs split over tasks or machines) into one JSON,
+Markdown table and frontier plot.
+
+  python scripts/merge_results.py --inputs=out/a.json,out/b.json \
+      --metrics=wikitext:perplexity,piqa:acc_norm --json_out=docs/x.json --plot=docs/x.png
+
+Each input keeps its settings (machine, limits, buckets) under "runs". A
+(task, method) measured again (e.g. dense in every run) is kept once if it
+agrees with the first measurement to 1e-3 (relative), and is an error if not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags
+
+from coreinfer_jax import cli, evaluation, plots
+
+flags.DEFINE_list("inputs", None, "evaluate.py JSON files")
+flags.DEFINE_list("metrics", [], "task:metric columns of the table (default: every metric)")
+flags.DEFINE_list("labels", [], "per input, where it ran (recorded beside its settings)")
+flags.DEFINE_string("json_out", None, "merged JSON")
+flags.DEFINE_string("markdown_out", None, "Markdown table (default: the JSON's path with .md)")
+flags.DEFINE_string("plot", None, "frontier PNG")
+flags.DEFINE_string("title", "quality vs FFN bytes", "plot title")
+FLAGS = flags.FLAGS
+
+
+def merge(paths, labels):
+  runs, records, seen = [], [], {}
+  for i, path in enumerate(paths):
+    with open(path) as fh:
+      data = json.load(fh)
+    runs.append(dict(data["settings"], file=os.path.basename(path),
+                     label=labels[i] if i < len(labels) else ""))
+    for r in data["results"]:
+      key = (r["task"], r["method"])
+      if key in seen:
+        first = seen[key]
+        if r["n"] != first["n"] or any(
+            abs(v - first["metrics"][m]) > 1e-3 * max(1.0, abs(v)) for m, v in r["metrics"].items()):
+          raise ValueError(f"{key} in {path} disagrees with its first measurement: "
+                           f"{r['metrics']} (n={r['n']}) vs {first['metrics']} (n={first['n']})")
+        continue
+      seen[key] = r
+      records.append(r)
+  return runs, records
+
+
+def selected(records, metrics):
+  if not metrics:
+    return records
+  wanted = [tuple(m.split(":", 1)) for m in metrics]
+  out = []
+  for r in records:
+    keep = {metric: v for metric, v in r["metrics"].items() if (r["task"], metric) in wanted}
+    if keep:
+      out.append(dict(r, metrics=keep))
+  return out
+
+
+def main(argv):
+  del argv
+  if not FLAGS.inputs or not FLAGS.json_out:
+    raise ValueError("--inputs and --json_out are required")
+  runs, records = merge(FLAGS.inputs, FLAGS.labels)
+  cli.write_json(FLAGS.json_out, {"runs": runs, "results": records})
+  table = evaluation.markdown_table(selected(records, FLAGS.metrics))
+  with open(FLAGS.markdown_out or os.path.splitext(FLAGS.json_out)[0] + ".md", "w") as fh:
+    fh.write(table)
+  print(table)
+  if FLAGS.plot:
+    plots.frontier(selected(records, FLAGS.metrics), FLAGS.plot, FLAGS.title)
+
+
+if __name__ == "__main__":
+  app.run(cli.run_main(main))
