@@ -13,6 +13,7 @@ the sum of those losses: one measurement, any target, but it assumes the
 losses add up, which on SmolLM2 they do not.
 
 --holdout_windows=N stops the greedy trajectory early on held-out windows
+(searched to --target_ffn_fraction if given, else to --max_loss)
 (--holdout_data, default --data, from window --holdout_skip_windows on): each
 prefix is measured jointly there and the deepest step within --max_loss is
 kept, since the search's own measurement runs low (it takes the cheapest of
@@ -109,8 +110,10 @@ def main(argv):
     raise ValueError("--out is required (the β file to write)")
   if not FLAGS.data or not os.path.isfile(FLAGS.data):
     raise FileNotFoundError(f"--data {FLAGS.data!r}: a calibration text file is required")
-  if (FLAGS.target_ffn_fraction is None) == (FLAGS.max_loss is None):
-    raise ValueError("give exactly one of --target_ffn_fraction and --max_loss")
+  searched_to_target = FLAGS.holdout_windows and FLAGS.target_ffn_fraction is not None
+  if (FLAGS.target_ffn_fraction is None) == (FLAGS.max_loss is None) and not searched_to_target:
+    raise ValueError("give exactly one of --target_ffn_fraction and --max_loss (both only with "
+                     "--holdout_windows: search to the target, stop within the loss held out)")
   if FLAGS.scoring not in SCORINGS:
     raise ValueError(f"unknown scoring {FLAGS.scoring!r}; choose one of {', '.join(SCORINGS)}")
   config = cli.model_config(FLAGS.model)
@@ -141,8 +144,8 @@ def main(argv):
         out = greedy(calibration.greedy_allocate(
             m.config, m.params, windows_of(m, FLAGS.data, FLAGS.windows, FLAGS.skip_windows),
             scoring=FLAGS.scoring, alpha=FLAGS.alpha, layers=layers, kind=FLAGS.loss,
-            target_ffn_fraction=FLAGS.target_ffn_fraction, max_loss=FLAGS.max_loss,
-            steps=FLAGS.steps, min_beta=FLAGS.min_beta, rows_per_pass=FLAGS.rows_per_pass,
+            target_ffn_fraction=FLAGS.target_ffn_fraction,
+            max_loss=None if searched_to_target else FLAGS.max_loss, steps=FLAGS.steps, min_beta=FLAGS.min_beta, rows_per_pass=FLAGS.rows_per_pass,
             progress=FLAGS.progress))
       if FLAGS.holdout_windows:
         out = held_out(m, out)

@@ -234,6 +234,14 @@ def test_calibrate_script_held_out_stop_and_evaluation_overlap(tiny_llama_with_t
   tighter = json.loads(again.read_text())
   assert tighter["holdout"]["steps_kept"] <= kept
   assert tighter["trajectory"] == record["trajectory"]
+  # With both: the search runs to the FFN target, the held-out loss stops it.
+  both = tmp_path / "both.json"
+  run = _calibrate(tiny_llama_with_tokenizer, both, *common, "--windows=2", "--max_loss=0.2",
+                   "--target_ffn_fraction=0.5", "--holdout_windows=2", "--holdout_skip_windows=2")
+  assert run.returncode == 0, run.stderr
+  searched = json.loads(both.read_text())
+  assert searched["trajectory"][-1]["ffn_fraction"] <= 0.5 < searched["trajectory"][-2]["ffn_fraction"]
+  assert searched["measured"]["kl"] <= 0.2
 
   # evaluate.py refuses β files whose windows overlap the evaluated WikiText-2 windows.
   data = tmp_path / "data"
