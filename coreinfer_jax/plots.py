@@ -117,6 +117,8 @@ def frontier(records, path: str, title: str) -> None:
     n = here[0]["n"] if here else 0
     ax.set(xlabel="FFN bytes per decode token (fraction of dense)", ylabel=metric,
            title=f"{task} (n={n})")
+    if metric == "perplexity":   # spans orders of magnitude across methods
+      ax.set_yscale("log")
     ax.title.set_fontsize(9)
   for ax in list(axes.flat)[len(panels):]:
     ax.axis("off")
