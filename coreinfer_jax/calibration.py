@@ -4,10 +4,9 @@
    continuation scored as decoding would, as in `scoring`), sparsify one layer
    alone at each β of a grid and record the increase of the continuation's
    mean negative log-likelihood (`nll`, log of the perplexity ratio) and the
-   mean KL divergence to the dense model (`kl`). One dense prefill per window
-   selects every β's core set; the (layer, β) cases run as rows of one
-   batch that drop each row's non-core neurons (h[i] = 0, GUIDE §1), all
-   through one executable of dense shapes.
+   mean KL divergence to the dense model (`kl`). The (layer, β) cases are
+   budgets scored by `JointLoss` (below): rows of one batch that drop each
+   row's non-core neurons (h[i] = 0, GUIDE §1), one executable of dense shapes.
 2. `allocate`: losses are taken as additive over layers, made non-increasing in
    β and interpolated linearly between measured β (loss 0 at β = 1); an exact
    dynamic programme over β in steps of 1/`steps` then minimises the predicted
@@ -27,7 +26,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -39,7 +37,7 @@ from coreinfer_jax.config import ModelConfig
 from coreinfer_jax.core import core_spec, num_core_neurons
 from coreinfer_jax.generation import CompiledFunctions, left_pad
 from coreinfer_jax.params import ModelParams
-from coreinfer_jax.scoring import continuation_fn, keep_masks, prefill_fn
+from coreinfer_jax.scoring import continuation_fn, prefill_fn
 from coreinfer_jax.tasks import Window
 
 LOSSES = ("nll", "kl")
@@ -76,46 +74,16 @@ def measure_sensitivity(config: ModelConfig, params: ModelParams, windows: Seque
                         progress: bool = True) -> Sensitivity:
   """Each (layer, β) of `layers` × `betas`, that layer alone sparsified, scored
   against the dense model on every window; `rows_per_pass` of them per batch."""
-  L, F = config.num_layers, config.intermediate_size
+  L = config.num_layers
   layers = tuple(range(L)) if layers is None else tuple(layers)
-  specs = tuple(core_spec(L, F, beta=b, alpha=alpha, scoring=scoring, sparse_layers="all")
-                for b in betas)
-  context_len = max(len(w.context) for w in windows)
-  continuation_len = max(len(w.continuation) for w in windows)
-  prefill = prefill_fn(config, context_len + continuation_len, specs)
-  score = continuation_fn(config, reference=0)
-  masks = functools.partial(keep_masks, F)
-  compiled = CompiledFunctions()
-  cases = [(i, j) for i in range(len(layers)) for j in range(len(betas))]
-  dense_core = tuple(None for _ in range(L))
-
-  nll = np.zeros((len(layers), len(betas)))
-  kl = np.zeros((len(layers), len(betas)))
-  dense_nll, tokens = 0.0, 0
-  for w in tqdm(windows, desc="calibration windows", disable=not progress):
-    tokens_BT, start_B = left_pad([w.context], context_len)
-    first_logprobs, cache, cores = compiled("prefill", prefill, params, jnp.asarray(tokens_BT),
-                                            jnp.asarray(start_B))
-    ids = np.asarray(w.continuation, np.int32)
-    inputs, targets = jnp.asarray(ids[None, :-1]), jnp.asarray(ids[None, 1:])
-    first = float(first_logprobs[0, ids[0]])   # dense in every case (decoding's first token)
-    base = None
-    for chunk in range(0, len(cases), rows_per_pass):
-      group = cases[chunk:chunk + rows_per_pass]
-      group = group + [group[-1]] * (rows_per_pass - len(group))   # same shapes every pass
-      core = [dense_core] + [tuple(cores[j][layer][0] if layer == layers[i] else None
-                                   for layer in range(L)) for i, j in group]
-      out = compiled("score", score, params, cache, inputs, targets,
-                     compiled("masks", masks, tuple(core)))
-      row_nll = -(first + np.asarray(out["logprob"], np.float64).sum(axis=(1, 2)))
-      row_kl = np.asarray(out["kl"], np.float64).sum(axis=(1, 2))
-      base = row_nll[0]
-      for r, (i, j) in enumerate(group[:len(cases[chunk:chunk + rows_per_pass])]):
-        nll[i, j] += row_nll[r + 1] - base
-        kl[i, j] += row_kl[r + 1]
-    dense_nll += base
-    tokens += len(ids)
-  return Sensitivity(tuple(betas), layers, nll / tokens, kl / tokens, dense_nll / tokens, tokens)
+  measure = JointLoss(config, params, windows, scoring=scoring, alpha=alpha,
+                      rows_per_pass=rows_per_pass)
+  cases = [[beta if layer == sparse else None for layer in range(L)]
+           for sparse in layers for beta in betas]
+  nll, kl = measure([measure.kept(case) for case in cases], progress=progress)
+  shape = (len(layers), len(betas))
+  return Sensitivity(tuple(betas), layers, nll.reshape(shape), kl.reshape(shape),
+                     measure.dense_nll, measure.tokens)
 
 
 def loss_curves(sens: Sensitivity, kind: str, steps: int) -> np.ndarray:
@@ -300,12 +268,14 @@ class JointLoss:
     F = self.config.intermediate_size
     return np.array([F if b is None else num_core_neurons(b, F) for b in layer_beta])
 
-  def __call__(self, candidates: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+  def __call__(self, candidates: Sequence[np.ndarray],
+               progress: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """(NLL increase over dense [n], KL to dense [n]), per continuation token."""
     L, F = self.config.num_layers, self.config.intermediate_size
     nll, kl = np.zeros(len(candidates)), np.zeros(len(candidates))
     dense = 0.0
-    for chunk in range(0, len(candidates), self.rows_per_pass):
+    for chunk in tqdm(range(0, len(candidates), self.rows_per_pass), desc="calibration passes",
+                      disable=not progress):
       group = list(candidates[chunk:chunk + self.rows_per_pass])
       rows = np.stack([np.full(L, F)] + group + [group[-1]] * (self.rows_per_pass - len(group)))
       for cache, positions, inputs, targets, first in self.prefilled:

@@ -72,8 +72,9 @@ def check_calibration_disjoint(beta_file: str, data_dir: str) -> None:
   if not isinstance(record, dict) or not os.path.exists(wikitext):
     return
   evaluated_end = FLAGS.windows * (FLAGS.window_context + FLAGS.window_continuation)
+  evaluated_sha256 = file_sha256(wikitext)
   for source in (record.get("calibration"), record.get("holdout")):
-    if not source or source.get("sha256") != file_sha256(wikitext):
+    if not source or source.get("sha256") != evaluated_sha256:
       continue
     size = source.get("window_context", 0) + source.get("window_continuation", 0)
     start = source.get("skip_windows", 0) * size
