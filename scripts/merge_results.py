@@ -28,6 +28,8 @@ flags.DEFINE_string("json_out", None, "merged JSON")
 flags.DEFINE_string("markdown_out", None, "Markdown table (default: the JSON's path with .md)")
 flags.DEFINE_string("plot", None, "frontier PNG")
 flags.DEFINE_string("title", "quality vs FFN bytes", "plot title")
+flags.DEFINE_string("within_loss", None, "task:metric:max_loss, e.g. wikitext:perplexity:0.05: "
+                    "per family, the most FFN bytes removed within that relative loss of dense")
 FLAGS = flags.FLAGS
 
 
@@ -64,13 +66,32 @@ def selected(records, metrics):
   return out
 
 
+def within_loss_flag(text: str):
+  parts = text.split(":")
+  try:
+    task, metric, max_loss = parts[0], parts[1], float(parts[2])
+  except (IndexError, ValueError):
+    raise ValueError(f"--within_loss {text!r}: expected task:metric:max_loss, e.g. "
+                     "wikitext:perplexity:0.05") from None
+  if len(parts) != 3 or max_loss < 0:
+    raise ValueError(f"--within_loss {text!r}: expected task:metric:max_loss with max_loss >= 0")
+  return task, metric, max_loss
+
+
 def main(argv):
   del argv
   if not FLAGS.inputs or not FLAGS.json_out:
     raise ValueError("--inputs and --json_out are required")
   runs, records = merge(FLAGS.inputs, FLAGS.labels)
-  cli.write_json(FLAGS.json_out, {"runs": runs, "results": records})
+  merged = {"runs": runs, "results": records}
   table = evaluation.markdown_table(selected(records, FLAGS.metrics))
+  if FLAGS.within_loss:
+    task, metric, max_loss = within_loss_flag(FLAGS.within_loss)
+    rows = evaluation.most_removed_within(records, task, metric, max_loss)
+    merged["within_loss"] = {"task": task, "metric": metric, "max_loss": max_loss, "rows": rows}
+    table += (f"\nMost FFN bytes removed within {max_loss:.0%} of dense {task} {metric}:\n\n"
+              + evaluation.within_loss_table(rows, metric))
+  cli.write_json(FLAGS.json_out, merged)
   with open(FLAGS.markdown_out or os.path.splitext(FLAGS.json_out)[0] + ".md", "w") as fh:
     fh.write(table)
   print(table)

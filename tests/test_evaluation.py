@@ -181,3 +181,34 @@ def test_merge_results_keeps_agreeing_repeats_and_refuses_disagreeing(tmp_path):
   run = subprocess.run(script + [f"--inputs={a},{c}", f"--json_out={out}"],
                        capture_output=True, text=True)
   assert run.returncode == 2 and "disagrees" in run.stderr
+  run = subprocess.run(script + [f"--inputs={a}", f"--json_out={out}", "--within_loss=piqa:acc:0.25"],
+                       capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr
+  assert [r["method"] for r in json.loads(out.read_text())["within_loss"]["rows"]] == ["s"]
+  assert "× best uniform β" in (tmp_path / "m.md").read_text()
+  run = subprocess.run(script + [f"--inputs={a}", f"--json_out={out}", "--within_loss=piqa:0.25"],
+                       capture_output=True, text=True)
+  assert run.returncode == 2 and "expected task:metric:max_loss" in run.stderr
+
+
+def _frontier_point(method, family, kind, ffn, perplexity):
+  return {"task": "wikitext", "method": method, "kind": kind, "family": family, "n": 8,
+          "metrics": {"perplexity": perplexity}, "ffn_bytes_fraction": ffn}
+
+
+def test_most_removed_within_picks_each_familys_deepest_point_inside_the_loss():
+  records = [_frontier_point("dense", "dense", "dense", 1.0, 20.0),
+             _frontier_point("u/0.95", "u", "stability", 0.95, 20.8),    # +4%
+             _frontier_point("u/0.9", "u", "stability", 0.90, 21.2),     # +6%: outside
+             _frontier_point("c", "c", "beta_file", 0.85, 20.9),         # +4.5%
+             _frontier_point("bad", "bad", "beta_file", 0.5, 30.0)]      # no point inside
+  rows = evaluation.most_removed_within(records, "wikitext", "perplexity", 0.05)
+  assert [(r["method"], round(r["removed"], 6)) for r in rows] == [("c", 0.15), ("u/0.95", 0.05)]
+  assert rows[0]["loss"] == pytest.approx(0.045)
+  table = evaluation.within_loss_table(rows, "perplexity")
+  assert "| c | c | 0.150 | 20.900 | +4.5% | 3.00 |" in table
+  accuracy = [dict(r, metrics={"acc": 2.0 - r["metrics"]["perplexity"] / 20}) for r in records]
+  assert [r["method"] for r in evaluation.most_removed_within(accuracy, "wikitext", "acc", 0.05)] \
+      == ["c", "u/0.95"]                   # a fall of accuracy is the loss ("bad" falls 50%)
+  with pytest.raises(ValueError, match="needs a dense result"):
+    evaluation.most_removed_within(records[1:], "wikitext", "perplexity", 0.05)
