@@ -89,17 +89,16 @@ def measure_sensitivity(config: ModelConfig, params: ModelParams, windows: Seque
 def loss_curves(sens: Sensitivity, kind: str, steps: int) -> np.ndarray:
   """float64 [layers, steps + 1]: predicted loss at β = u / steps, u = 0..steps
   (inf below the smallest measured β), non-increasing in β, 0 at β = 1."""
-  measured = np.maximum(sens.loss(kind), 0.0)
-  # A layer's loss cannot grow as it keeps more neurons: running max from β = 1 down.
-  measured = np.maximum.accumulate(measured[:, ::-1], axis=1)[:, ::-1]
-  xs = np.append(np.asarray(sens.betas, np.float64), 1.0)
-  order = np.argsort(xs)
+  falling = np.argsort(-np.asarray(sens.betas, np.float64))   # the measured β, largest first
+  measured = np.maximum(sens.loss(kind)[:, falling], 0.0)
+  # A layer's loss cannot shrink as it keeps fewer neurons: running max from β = 1 down.
+  measured = np.maximum.accumulate(measured, axis=1)
+  xs = np.append(np.asarray(sens.betas, np.float64)[falling][::-1], 1.0)   # ascending
   grid = np.arange(steps + 1) / steps
   curves = np.full((len(sens.layers), steps + 1), np.inf)
-  usable = grid >= xs.min() - 1e-9
+  usable = grid >= xs[0] - 1e-9
   for i in range(len(sens.layers)):
-    ys = np.append(measured[i], 0.0)
-    curves[i, usable] = np.interp(grid[usable], xs[order], ys[order])
+    curves[i, usable] = np.interp(grid[usable], xs, np.append(measured[i, ::-1], 0.0))
   return curves
 
 

@@ -52,6 +52,18 @@ def _sensitivity(nll_LB, betas):
                                  np.zeros_like(nll_LB), 3.0, 100)
 
 
+def test_loss_curves_do_not_depend_on_the_order_of_the_measured_betas():
+  betas = (0.25, 0.5, 0.75)
+  # Layer 0 is not monotone: its loss at β 0.5 is lifted to that at 0.75 (a loss
+  # cannot shrink as β falls).
+  nll = np.array([[0.9, 0.2, 0.3], [0.6, 0.4, 0.1]])
+  ascending = calibration.loss_curves(_sensitivity(nll, betas), "nll", 4)
+  np.testing.assert_allclose(ascending, [[np.inf, 0.9, 0.3, 0.3, 0.0], [np.inf, 0.6, 0.4, 0.1, 0.0]])
+  for order in itertools.permutations(range(3)):
+    shuffled = _sensitivity(nll[:, order], [betas[i] for i in order])
+    np.testing.assert_array_equal(calibration.loss_curves(shuffled, "nll", 4), ascending)
+
+
 def test_allocation_is_the_exact_optimum():
   rng = np.random.default_rng(4)
   betas = (0.25, 0.5, 0.75)
