@@ -128,9 +128,10 @@ def frontier(records, path: str, title: str) -> None:
       if l not in labels:
         handles.append(h)
         labels.append(l)
-  fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7,
-             bbox_to_anchor=(0.5, 0))
   fig.suptitle(title)
-  fig.tight_layout(rect=(0, 0.04 + 0.02 * (len(labels) // 4), 1, 1))
-  fig.savefig(path, dpi=110)
+  fig.tight_layout()
+  # Below the panels, however many rows it takes; the tight bounding box keeps it.
+  legend = fig.legend(handles, labels, loc="upper center", ncol=min(3, len(labels)), fontsize=7,
+                      bbox_to_anchor=(0.5, 0))
+  fig.savefig(path, dpi=110, bbox_inches="tight", bbox_extra_artists=[legend])
   plt.close(fig)

@@ -28,6 +28,8 @@ flags.DEFINE_string("json_out", None, "merged JSON")
 flags.DEFINE_string("markdown_out", None, "Markdown table (default: the JSON's path with .md)")
 flags.DEFINE_string("plot", None, "frontier PNG")
 flags.DEFINE_string("title", "quality vs FFN bytes", "plot title")
+flags.DEFINE_float("plot_min_ffn", None, "plot only methods keeping at least this FFN fraction "
+                   "(zooms in on the low-sparsity end; the table keeps every method)")
 flags.DEFINE_string("within_loss", None, "task:metric:max_loss, e.g. wikitext:perplexity:0.05: "
                     "per family, the most FFN bytes removed within that relative loss of dense")
 FLAGS = flags.FLAGS
@@ -96,7 +98,9 @@ def main(argv):
     fh.write(table)
   print(table)
   if FLAGS.plot:
-    plots.frontier(selected(records, FLAGS.metrics), FLAGS.plot, FLAGS.title)
+    plotted = [r for r in selected(records, FLAGS.metrics)
+               if FLAGS.plot_min_ffn is None or r["ffn_bytes_fraction"] >= FLAGS.plot_min_ffn]
+    plots.frontier(plotted, FLAGS.plot, FLAGS.title)
 
 
 if __name__ == "__main__":

@@ -181,9 +181,11 @@ def test_merge_results_keeps_agreeing_repeats_and_refuses_disagreeing(tmp_path):
   run = subprocess.run(script + [f"--inputs={a},{c}", f"--json_out={out}"],
                        capture_output=True, text=True)
   assert run.returncode == 2 and "disagrees" in run.stderr
-  run = subprocess.run(script + [f"--inputs={a}", f"--json_out={out}", "--within_loss=piqa:acc:0.25"],
-                       capture_output=True, text=True)
+  png = tmp_path / "m.png"
+  run = subprocess.run(script + [f"--inputs={a}", f"--json_out={out}", "--within_loss=piqa:acc:0.25",
+                                 f"--plot={png}", "--plot_min_ffn=0.5"], capture_output=True, text=True)
   assert run.returncode == 0, run.stderr
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert [r["method"] for r in json.loads(out.read_text())["within_loss"]["rows"]] == ["s"]
   assert "× best uniform β" in (tmp_path / "m.md").read_text()
   run = subprocess.run(script + [f"--inputs={a}", f"--json_out={out}", "--within_loss=piqa:0.25"],
