@@ -106,8 +106,13 @@ def evaluate_perplexity(scorer: ContinuationScorer, windows: Sequence[tasks.Wind
 def evaluate_choices(scorer: ContinuationScorer, tokenizer, examples: Sequence[tasks.ChoiceExample],
                      task: str, progress: bool = True) -> List[Result]:
   per_example = {m.name: [] for m in scorer.methods}
-  for e in tqdm(examples, desc=task, disable=not progress):
-    pairs = [encode_pair(tokenizer, e.context, choice) for choice in e.choices]
+  encoded = [[encode_pair(tokenizer, e.context, choice) for choice in e.choices] for e in examples]
+  for i, pairs in enumerate(encoded):   # every example fits, or nothing runs
+    try:
+      scorer.layout(len(pairs[0][0]), max(len(ids) for _, ids in pairs))
+    except ValueError as err:
+      raise ValueError(f"{task} example {i} (checked before scoring any): {err}") from None
+  for e, pairs in zip(tqdm(examples, desc=task, disable=not progress), encoded):
     context_ids = pairs[0][0]
     scores = scorer.score(context_ids, [ids for _, ids in pairs])
     for name, s in scores.items():

@@ -211,12 +211,18 @@ class ContinuationScorer:
                                 core[art.cluster_layer])[0])
     return tuple(None if s is None else jnp.asarray(s[cluster]) for s in art.layer_sets), cluster
 
-  def _pick_continuation_bucket(self, length: int, room: int) -> int:
+  def layout(self, context_len: int, longest: int) -> Tuple[int, int]:
+    """(context bucket, continuation bucket) for a context of `context_len`
+    tokens and continuations of at most `longest`; ValueError if they do not
+    fit (a caller can check a whole task before scoring any of it)."""
+    bucket = pick_bucket(context_len, longest, self.cache_len, self.buckets)
+    length, room = max(longest - 1, 1), self.cache_len - bucket
     fits = [b for b in self.continuation_buckets if length <= b <= room]
     if not fits:
       raise ValueError(f"a continuation of {length} tokens does not fit the cache after the "
-                       f"context ({room} slots left of cache_len {self.cache_len})")
-    return fits[0]
+                       f"context ({room} slots left of cache_len {self.cache_len}; continuation "
+                       f"buckets {self.continuation_buckets})")
+    return bucket, fits[0]
 
   def _keep(self, cores, methods: Sequence[Method]):
     """(per layer keep masks [M, F], each method's cluster id or None)."""
@@ -257,14 +263,13 @@ class ContinuationScorer:
     if any(len(c) < 1 for c in continuations):
       raise ValueError("every continuation must have at least one token")
     longest = max(len(c) for c in continuations)
-    bucket = pick_bucket(len(context_ids), longest, self.cache_len, self.buckets)
+    bucket, T = self.layout(len(context_ids), longest)
     tokens, start = left_pad([context_ids], bucket)
     first_logprobs, cache, cores = self.compiled("prefill", self._prefill, self.params,
                                                  jnp.asarray(tokens), jnp.asarray(start))
     first_logprobs = np.asarray(first_logprobs[0])
 
     C = len(continuations)
-    T = self._pick_continuation_bucket(max(longest - 1, 1), self.cache_len - bucket)
     inputs = np.zeros((C, T), np.int32)
     targets = np.zeros((C, T), np.int32)
     for c, ids in enumerate(continuations):

@@ -153,6 +153,24 @@ def test_scorer_errors(tiny):
     ContinuationScorer(tiny.config, tiny.params, [Method("dense"), Method("dense")])
 
 
+class _CharTokenizer:
+  def __call__(self, text):
+    return {"input_ids": [1 + ord(c) % 60 for c in text]}
+
+
+def test_choices_that_cannot_fit_fail_before_any_example_is_scored(tiny):
+  scorer = ContinuationScorer(tiny.config, tiny.params, [Method("dense")], cache_len=32,
+                              buckets=(16,), continuation_buckets=(8,))
+  examples = [tasks.ChoiceExample("a b c", (" d", " e"), 0),
+              tasks.ChoiceExample("a b c", (" " + "x" * 12, " y"), 1)]   # 12 > the 8 bucket
+  with pytest.raises(ValueError, match=r"hellaswag example 1 \(checked before scoring any\)"):
+    evaluation.evaluate_choices(scorer, _CharTokenizer(), examples, "hellaswag", progress=False)
+  assert not scorer.compiled.compiles                 # example 0 was not scored either
+  result, = evaluation.evaluate_choices(scorer, _CharTokenizer(), examples[:1], "hellaswag",
+                                        progress=False)
+  assert result.n == 1 and set(result.metrics) == {"acc", "acc_norm"}
+
+
 def _run_file(tmp_path, name, results):
   path = tmp_path / name
   path.write_text(json.dumps({"settings": {"limit": 2}, "results": results}))
