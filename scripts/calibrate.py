@@ -19,8 +19,9 @@ prefix is measured jointly there and the deepest step within --max_loss is
 kept, since the search's own measurement runs low (it takes the cheapest of
 many noisy candidates). --reuse_trajectory=FILE takes the search from an
 earlier greedy β file (e.g. one run on an accelerator) and only re-stops it.
-Calibrate on text that is not evaluated (evaluate.py refuses a β file
-calibrated on its WikiText-2 test file). --reuse_sensitivity=FILE takes the
+Calibrate on text that is not evaluated (evaluate.py refuses a β file whose
+windows of its WikiText-2 test file, searched or held out, overlap the
+windows it evaluates). --reuse_sensitivity=FILE takes the
 measured table from an earlier output with the same model and settings.
 """
 
@@ -145,8 +146,8 @@ def main(argv):
             m.config, m.params, windows_of(m, FLAGS.data, FLAGS.windows, FLAGS.skip_windows),
             scoring=FLAGS.scoring, alpha=FLAGS.alpha, layers=layers, kind=FLAGS.loss,
             target_ffn_fraction=FLAGS.target_ffn_fraction,
-            max_loss=None if searched_to_target else FLAGS.max_loss, steps=FLAGS.steps, min_beta=FLAGS.min_beta, rows_per_pass=FLAGS.rows_per_pass,
-            progress=FLAGS.progress))
+            max_loss=None if searched_to_target else FLAGS.max_loss, steps=FLAGS.steps,
+            min_beta=FLAGS.min_beta, rows_per_pass=FLAGS.rows_per_pass, progress=FLAGS.progress))
       if FLAGS.holdout_windows:
         out = held_out(m, out)
   if all(b is None for b in out["beta"]):
@@ -187,9 +188,9 @@ def held_out(m, out: dict) -> dict:
       trajectory, scoring=FLAGS.scoring, alpha=FLAGS.alpha, kind=FLAGS.loss,
       max_loss=FLAGS.max_loss, rows_per_pass=FLAGS.rows_per_pass)
   budgets = calibration.trajectory_budgets(trajectory, m.config.num_layers)
-  beta = list(budgets[stop.chosen - 1]) if stop.chosen else [None] * m.config.num_layers
-  chosen = stop.chosen - 1
-  held = {"nll": float(stop.nll[chosen]), "kl": float(stop.kl[chosen])} if stop.chosen else {}
+  last = stop.chosen - 1   # the deepest step kept
+  beta = list(budgets[last]) if stop.chosen else [None] * m.config.num_layers
+  held = {"nll": float(stop.nll[last]), "kl": float(stop.kl[last])} if stop.chosen else {}
   return dict(out, beta=beta, ffn_fraction=calibration.ffn_fraction(beta, m.config.intermediate_size),
               search_measured=out["measured"], measured=dict(
                   held, perplexity_increase=math.expm1(held.get("nll", 0.0)),
