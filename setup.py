@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="CoreInfer sentence-level adaptive sparse activation for LLM decoding, in JAX",
     packages=find_packages(include=["coreinfer_jax", "coreinfer_jax.*"]),
-    package_data={"coreinfer_jax": ["lm_eval_tasks/*.yaml"]},
+    package_data={"coreinfer_jax": ["eval/lm_eval_tasks/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.9",

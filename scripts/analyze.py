@@ -19,21 +19,24 @@ clusters:   the held-out prompts of a cluster.py run (--holdout_fraction): per l
 import dataclasses
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+import numpy as np
+from absl import flags
 
-from coreinfer_jax import analysis, artefacts, cli, clustering, plots, texts  # noqa: E402
+from coreinfer_jax.analysis import held_out, plots, similarity, stability
+from coreinfer_jax.cli import app, models
+from coreinfer_jax.cli import flags as cli_flags
+from coreinfer_jax.core import artefacts, methods
+from coreinfer_jax.eval import datasets
+from coreinfer_jax.offline import clustering
 
 ANALYSES = ("stability", "similarity", "clusters")
 
-cli.define_model_flags()
-cli.define_core_flags(with_method=False)
-cli.define_dataset_flags()
+cli_flags.define_model_flags()
+cli_flags.define_core_flags(with_method=False)
+cli_flags.define_dataset_flags()
 flags.FLAGS.set_default("sparse_layers", "all")
 flags.DEFINE_enum("analysis", None, ANALYSES, "what to measure")
 flags.DEFINE_integer("limit", None, "examples used (default: 32 prompts for stability, "
@@ -51,18 +54,18 @@ DEFAULT_LIMITS = {"stability": 32, "similarity": 300}
 
 
 def _stability(m, spec):
-  data = cli.texts_from_flags(FLAGS.limit or DEFAULT_LIMITS["stability"])
+  data = cli_flags.texts_from_flags(FLAGS.limit or DEFAULT_LIMITS["stability"])
   if FLAGS.num_steps < 1:
     raise ValueError(f"--num_steps must be at least 1, got {FLAGS.num_steps}")
   prompt_ids = clustering.tokenize(m.tokenizer, data.prompts, FLAGS.max_tokens)
-  result = analysis.stability(m.params, m.config, prompt_ids, spec, FLAGS.num_steps, FLAGS.seed)
+  result = stability.stability(m.params, m.config, prompt_ids, spec, FLAGS.num_steps, FLAGS.seed)
   result["dataset"] = data.name
   print(f"[stability: mean overlap {result['overlap_mean']:.3f} vs random {result['random_mean']:.3f}]")
   return result, lambda path, title: plots.stability(result, path, title)
 
 
 def _similarity(m, spec):
-  data = cli.texts_from_flags(FLAGS.limit or DEFAULT_LIMITS["similarity"])
+  data = cli_flags.texts_from_flags(FLAGS.limit or DEFAULT_LIMITS["similarity"])
   focus = (clustering.default_cluster_layer(m.config.num_layers) if FLAGS.cluster_layer is None
            else FLAGS.cluster_layer)
   layer_k = {i: k for i, k in enumerate(spec.layer_k) if k is not None}
@@ -72,10 +75,10 @@ def _similarity(m, spec):
   stats = clustering.collect_statistics(m.params, m.config,
                                         clustering.tokenize(m.tokenizer, data.texts, FLAGS.max_tokens),
                                         plan, batch_size=FLAGS.batch_size, progress=True)
-  relations = {"tfidf_cosine": analysis.tfidf_cosine(data.texts)}
+  relations = {"tfidf_cosine": similarity.tfidf_cosine(data.texts)}
   if FLAGS.embedding_model:
-    relations["embedding_cosine"] = analysis.embedding_cosine(data.texts, FLAGS.embedding_model)
-  result, pairs = analysis.similarity(stats, layer_k, m.config.intermediate_size, data.labels,
+    relations["embedding_cosine"] = similarity.embedding_cosine(data.texts, FLAGS.embedding_model)
+  result, pairs = similarity.similarity(stats, layer_k, m.config.intermediate_size, data.labels,
                                       relations, focus)
   result["dataset"] = data.name
   result["embedding_model"] = FLAGS.embedding_model
@@ -90,18 +93,18 @@ def _held_out(m, cluster_dir):
   if not info["holdout_fraction"]:
     raise ValueError(f"the artefacts in {cluster_dir} were built without a held-out split "
                      f"(scripts/cluster.py --holdout_fraction)")
-  data = texts.load_texts(info["name"] if info["name"] in texts.DATASETS else info["source"],
+  data = datasets.load_texts(info["name"] if info["name"] in datasets.DATASETS else info["source"],
                           FLAGS.data_dir, text_key=info["text_field"], limit=info["limit"])
   if data.data_hash() != info["data_hash"]:
     raise ValueError("the dataset read now differs from the one clustered (data hash)")
-  _, held = texts.split_indices(len(data), info["holdout_fraction"], info["split_seed"])
+  _, held = datasets.split_indices(len(data), info["holdout_fraction"], info["split_seed"])
   prompts = data.subset(held).prompts
   plan = clustering.StatisticsPlan.for_spec(art.spec, art.cluster_layer, art.cluster_k)
   stats = clustering.collect_statistics(m.params, m.config,
                                         clustering.tokenize(m.tokenizer, prompts, info["max_tokens"]),
                                         plan, batch_size=FLAGS.batch_size, progress=True)
   sets = {i: s for i, s in enumerate(art.layer_sets) if s is not None}
-  overlap = analysis.held_out_overlap(stats, art.centroids_CF, sets, m.config.intermediate_size,
+  overlap = held_out.held_out_overlap(stats, art.centroids_CF, sets, m.config.intermediate_size,
                                       FLAGS.seed)
   result = dict(dataclasses.asdict(overlap), num_held_out=len(prompts),
                 num_clusters=art.num_clusters, cluster_dir=os.path.abspath(cluster_dir),
@@ -121,14 +124,14 @@ def main(argv):
   t0 = time.perf_counter()
   if not FLAGS.out_dir:
     raise ValueError("--out_dir is required")
-  s = cli.settings(FLAGS, ["dtype"] + cli.SPEC_FLAGS)
-  config = cli.model_config(FLAGS.model)
+  s = app.settings(["dtype"] + list(methods.SPEC_SETTINGS))
+  config = models.model_config(FLAGS.model)
   spec = None
   if FLAGS.analysis != "clusters":
-    spec = cli.core_spec_for("stability", s, config)
+    spec = methods.spec_for(s, config)
   elif not FLAGS.cluster_dir:
     raise ValueError("--analysis=clusters needs --cluster_dir")
-  m, _ = cli.load(FLAGS.model, cli.resolve_dtype(s["dtype"]))
+  m, _ = models.load(FLAGS.model, models.resolve_dtype(s["dtype"]))
   if m.tokenizer is None:
     raise ValueError(f"{m.path} has no tokenizer")
   if FLAGS.analysis == "stability":
@@ -142,7 +145,7 @@ def main(argv):
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   json_path = os.path.join(FLAGS.out_dir, f"{FLAGS.analysis}.json")
   png_path = os.path.join(FLAGS.out_dir, f"{FLAGS.analysis}.png")
-  cli.write_json(json_path, result)
+  app.write_json(json_path, result)
   model_name = os.path.basename(m.path)
   plot(png_path, f"{FLAGS.analysis}: {model_name}"
        + ("" if spec is None else f" (β {s['beta']}, α {spec.alpha}, {spec.scoring})"))
@@ -151,4 +154,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("analysis")
-  app.run(cli.run_main(main))
+  app.run(main)

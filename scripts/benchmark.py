@@ -19,19 +19,20 @@ clustering layer only and gather nothing once their cluster has been used.
 
 import os
 import statistics
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+from absl import flags
 
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from coreinfer_jax.bench import reference, timing
+from coreinfer_jax.cli import app, models
+from coreinfer_jax.cli import flags as cli_flags
+from coreinfer_jax.core import methods
+from coreinfer_jax.core.cost import decode_weight_bytes
+from coreinfer_jax.core.spec import parse_beta
+from coreinfer_jax.runtime.generator import Generator
 
-from coreinfer_jax import benchmarking, cli  # noqa: E402
-from coreinfer_jax.generation import Generator  # noqa: E402
-from coreinfer_jax.params import decode_weight_bytes  # noqa: E402
-
-cli.define_model_flags()
-cli.define_core_flags()
+cli_flags.define_model_flags()
+cli_flags.define_core_flags()
 flags.DEFINE_list("methods", None, "methods to measure interleaved (default: --method)")
 flags.DEFINE_list("betas", None, "uniform β values to measure for each sparse method (default: --beta)")
 flags.DEFINE_string("shape", None, "a model shape in configs/shapes (random weights, real shape)")
@@ -45,17 +46,17 @@ FLAGS = flags.FLAGS
 
 
 def _variants(s, config, fingerprint):
-  """(method, β flag value, CoreSpec or None, ClusterArtefacts or None) for
-  every run, checked before loading."""
-  methods = FLAGS.methods or [s["method"]]
+  """(method, β flag value, CoreSpec or None, policy) for every run, checked
+  before loading."""
+  names = FLAGS.methods or [s["method"]]
   betas = FLAGS.betas or [s["beta"]]
   variants = []
-  for method in methods:
+  for method in names:
     for beta in (betas if method != "dense" else [None]):
-      core = cli.core_spec_for(method, s, config, beta)
       cluster_dir = s["cluster_dir"] if method == "similarity" else None
-      variants.append((method, beta, core,
-                       cli.clusters_for(method, cluster_dir, config, core, fingerprint)))
+      policy = methods.policy_for(method, s, config, cluster_dir=cluster_dir,
+                                  fingerprint=fingerprint, beta=beta)
+      variants.append((method, beta, policy.spec, policy))
   return variants
 
 
@@ -66,15 +67,15 @@ def _median(rows, key):
 
 def main(argv):
   del argv
-  s = cli.settings(FLAGS, ["shape", "dtype", "cache_len", "prompt_len", "decode_steps", "rounds"]
-                   + cli.CORE_FLAGS)
+  s = app.settings(["shape", "dtype", "cache_len", "prompt_len", "decode_steps", "rounds"]
+                   + cli_flags.CORE_FLAGS)
   if s["decode_steps"] < 1 or s["rounds"] < 1 or s["prompt_len"] < 1:
     raise ValueError("--decode_steps, --rounds and --prompt_len must be at least 1")
-  variants = _variants(s, cli.model_config(FLAGS.model, s["shape"], FLAGS.configs_dir, FLAGS.num_layers),
-                       cli.model_fingerprint(FLAGS.model, s["shape"]))
-  dtype = cli.resolve_dtype(s["dtype"])
+  variants = _variants(s, models.model_config(FLAGS.model, s["shape"], FLAGS.configs_dir, FLAGS.num_layers),
+                       models.model_fingerprint(FLAGS.model, s["shape"]))
+  dtype = models.resolve_dtype(s["dtype"])
   dtype_name = np.dtype(dtype).name
-  m, load_seconds = cli.load(FLAGS.model, dtype, s["shape"], FLAGS.configs_dir, FLAGS.num_layers)
+  m, load_seconds = models.load(FLAGS.model, dtype, s["shape"], FLAGS.configs_dir, FLAGS.num_layers)
   if s["shape"]:
     print(f"[random weights in the shape of {s['shape']}"
           f"{f', {FLAGS.num_layers} layers' if FLAGS.num_layers else ''}]")
@@ -82,32 +83,32 @@ def main(argv):
   print(f"[loaded {m.path} in {load_seconds:.1f}s; {dense_bytes / 1e9:.3f} GB of weights read per "
         f"dense decode token]")
 
-  probe = benchmarking.probe_gb_per_s(min(dense_bytes, 1 << 30), dtype)
+  probe = timing.probe_gb_per_s(min(dense_bytes, 1 << 30), dtype)
   print(f"probe: {probe:.1f} GB/s weight streaming")
 
-  gens = [Generator(m.config, m.params, cache_len=s["cache_len"], core=core, clusters=clusters,
+  gens = [Generator(m.config, m.params, cache_len=s["cache_len"], policy=policy,
                     time_selection=True)
-          for _, _, core, clusters in variants]
+          for _, _, _, policy in variants]
   prompt = np.random.default_rng(0).integers(3, m.config.vocab_size, s["prompt_len"]).tolist()
   hf = None
   if FLAGS.compare_hf:
     import torch
     torch.set_num_threads(os.cpu_count())
-    hf_config = cli.shape_hf_config(FLAGS.configs_dir, s["shape"], FLAGS.num_layers) if s["shape"] else {}
-    hf = benchmarking.hf_model(m.path, hf_config, dtype_name)
+    hf_config = models.shape_hf_config(FLAGS.configs_dir, s["shape"], FLAGS.num_layers) if s["shape"] else {}
+    hf = reference.hf_model(m.path, hf_config, dtype_name)
 
   rows = [[] for _ in variants]   # per variant, one dict per round
   hf_rounds = []
   for r in range(s["rounds"]):
     line = []
     for (method, beta, core, _), gen, out in zip(variants, gens, rows):
-      stats, tps = benchmarking.time_prefill_and_decode(gen, [prompt], s["decode_steps"])
+      stats, tps = timing.time_prefill_and_decode(gen, [prompt], s["decode_steps"])
       out.append({"tps": tps, "prefill": stats.prefill_seconds, "gather": stats.gather_seconds,
                   "select": stats.select_seconds, "ffn_fraction": stats.ffn_bytes_fraction,
                   "weight_bytes": stats.decode_weight_bytes, "clusters": stats.cluster_ids})
       line.append(f"{method}{'' if core is None else f' β={beta}'} {tps:.2f}")
     if hf is not None:
-      hf_rounds.append(benchmarking.hf_decode_tokens_per_second(hf, prompt, s["decode_steps"]))
+      hf_rounds.append(reference.hf_decode_tokens_per_second(hf, prompt, s["decode_steps"]))
       line.append(f"transformers {hf_rounds[-1]:.2f}")
     print(f"round {r} tokens/s: " + ", ".join(line))
 
@@ -123,7 +124,7 @@ def main(argv):
     dense_prefill = statistics.median([o["prefill"] - o["gather"] - (o["select"] or 0) for o in out])
     run = {
         "method": method,
-        "beta": None if core is None else cli.parse_beta(beta),
+        "beta": None if core is None else parse_beta(beta),
         "scoring": None if core is None else core.scoring,
         "core": None if core is None else core.summary(),
         "cluster_ids": None if method != "similarity" else [o["clusters"][0] for o in out],
@@ -146,7 +147,7 @@ def main(argv):
                                 if run["speedup_vs_dense"] else None)
     runs.append(run)
     _report(run, s["prompt_len"], hf_tps)
-  cli.write_json(FLAGS.json_out, {
+  app.write_json(FLAGS.json_out, {
       "model": m.path,
       "random_weights": bool(s["shape"]),
       "dtype": dtype_name,
@@ -178,4 +179,4 @@ def _report(run, prompt_len, hf_tps):
 
 
 if __name__ == "__main__":
-  app.run(cli.run_main(main))
+  app.run(main)

@@ -32,17 +32,21 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags
+from absl import flags
 
-from coreinfer_jax import calibration, cli, tasks
-from coreinfer_jax.core import SCORINGS, parse_layers
+from coreinfer_jax.cli import app, models
+from coreinfer_jax.cli import flags as cli_flags
+from coreinfer_jax.core.cost import kept_rows_fraction
+from coreinfer_jax.core.spec import SCORINGS, parse_layers
+from coreinfer_jax.eval import tasks
+from coreinfer_jax.offline import additive as additive_allocation
+from coreinfer_jax.offline import greedy as greedy_allocation
+from coreinfer_jax.offline.joint_loss import LOSSES
 
-cli.define_model_flags()
+cli_flags.define_model_flags()
 flags.DEFINE_string("data", None, "calibration text file (e.g. WikiText-2 validation)")
 flags.DEFINE_integer("windows", 4, "calibration windows")
 flags.DEFINE_integer("skip_windows", 0, "windows skipped at the start of --data")
@@ -56,7 +60,7 @@ flags.DEFINE_integer("rows_per_pass", 8, "candidate budgets scored per batched p
 flags.DEFINE_string("scoring", "signed", f"core-neuron scoring: {' | '.join(SCORINGS)}")
 flags.DEFINE_float("alpha", 0.2, "token-wise core fraction (signed, magnitude scorings)")
 flags.DEFINE_string("layers", "all", "layers that may be sparsified ('paper', 'all', 'A:B', list)")
-flags.DEFINE_enum("loss", "nll", list(calibration.LOSSES), "what is minimised: nll (log of the "
+flags.DEFINE_enum("loss", "nll", list(LOSSES), "what is minimised: nll (log of the "
                   "perplexity ratio) or kl (to the dense next-token distribution)")
 flags.DEFINE_float("target_ffn_fraction", None, "mean kept FFN fraction over all layers")
 flags.DEFINE_float("max_loss", None, "largest predicted loss: for nll the relative perplexity "
@@ -102,7 +106,7 @@ def reused(record: dict):
     diff = [k for k in record if earlier.get("calibration", {}).get(k) != record[k]]
     raise ValueError(f"--reuse_sensitivity {FLAGS.reuse_sensitivity} was measured with other "
                      f"settings ({', '.join(diff)} differ)")
-  return calibration.Sensitivity.from_record(earlier["sensitivity"])
+  return additive_allocation.Sensitivity.from_record(earlier["sensitivity"])
 
 
 def main(argv):
@@ -117,9 +121,9 @@ def main(argv):
                      "--holdout_windows: search to the target, stop within the loss held out)")
   if FLAGS.scoring not in SCORINGS:
     raise ValueError(f"unknown scoring {FLAGS.scoring!r}; choose one of {', '.join(SCORINGS)}")
-  config = cli.model_config(FLAGS.model)
+  config = models.model_config(FLAGS.model)
   layers = parse_layers(FLAGS.layers, config.num_layers)
-  record = data_record(cli.model_fingerprint(FLAGS.model))
+  record = data_record(models.model_fingerprint(FLAGS.model))
   t0 = time.perf_counter()
   if FLAGS.reuse_sensitivity and FLAGS.allocation != "additive":
     raise ValueError("--reuse_sensitivity needs --allocation=additive")
@@ -132,9 +136,9 @@ def main(argv):
   if FLAGS.reuse_sensitivity:
     out = additive(reused(record), config)
   else:
-    m, _ = cli.load(FLAGS.model, cli.resolve_dtype(FLAGS.dtype))
+    m, _ = models.load(FLAGS.model, models.resolve_dtype(FLAGS.dtype))
     if FLAGS.allocation == "additive":
-      out = additive(calibration.measure_sensitivity(
+      out = additive(additive_allocation.measure_sensitivity(
           m.config, m.params, windows_of(m, FLAGS.data, FLAGS.windows, FLAGS.skip_windows),
           betas=[float(b) for b in FLAGS.betas], scoring=FLAGS.scoring, alpha=FLAGS.alpha,
           layers=layers, rows_per_pass=FLAGS.rows_per_pass, progress=FLAGS.progress), config)
@@ -142,7 +146,7 @@ def main(argv):
       if FLAGS.reuse_trajectory:
         out, record = reused_trajectory(record)
       else:
-        out = greedy(calibration.greedy_allocate(
+        out = greedy(greedy_allocation.greedy_allocate(
             m.config, m.params, windows_of(m, FLAGS.data, FLAGS.windows, FLAGS.skip_windows),
             scoring=FLAGS.scoring, alpha=FLAGS.alpha, layers=layers, kind=FLAGS.loss,
             target_ffn_fraction=FLAGS.target_ffn_fraction,
@@ -155,7 +159,7 @@ def main(argv):
                      f"1/{FLAGS.steps} already passes it")
   out.update(target={"ffn_fraction": FLAGS.target_ffn_fraction, "max_loss": FLAGS.max_loss},
              calibration=record, seconds=time.perf_counter() - t0)
-  cli.write_json(FLAGS.out, out)
+  app.write_json(FLAGS.out, out)
   print(json.dumps({k: out[k] for k in ("beta", "ffn_fraction", "predicted", "measured") if k in out}))
 
 
@@ -180,18 +184,18 @@ def reused_trajectory(record: dict):
 
 
 def held_out(m, out: dict) -> dict:
-  """`out` stopped early on the held-out windows (calibration.held_out_stop)."""
+  """`out` stopped early on the held-out windows (greedy.held_out_stop)."""
   path = FLAGS.holdout_data or FLAGS.data
-  trajectory = [calibration.GreedyStep(**step) for step in out["trajectory"]]
-  stop = calibration.held_out_stop(
+  trajectory = [greedy_allocation.GreedyStep(**step) for step in out["trajectory"]]
+  stop = greedy_allocation.held_out_stop(
       m.config, m.params, windows_of(m, path, FLAGS.holdout_windows, FLAGS.holdout_skip_windows),
       trajectory, scoring=FLAGS.scoring, alpha=FLAGS.alpha, kind=FLAGS.loss,
       max_loss=FLAGS.max_loss, rows_per_pass=FLAGS.rows_per_pass)
-  budgets = calibration.trajectory_budgets(trajectory, m.config.num_layers)
+  budgets = greedy_allocation.trajectory_budgets(trajectory, m.config.num_layers)
   last = stop.chosen - 1   # the deepest step kept
   beta = list(budgets[last]) if stop.chosen else [None] * m.config.num_layers
   held = {"nll": float(stop.nll[last]), "kl": float(stop.kl[last])} if stop.chosen else {}
-  return dict(out, beta=beta, ffn_fraction=calibration.ffn_fraction(beta, m.config.intermediate_size),
+  return dict(out, beta=beta, ffn_fraction=kept_rows_fraction(beta, m.config.intermediate_size),
               search_measured=out["measured"], measured=dict(
                   held, perplexity_increase=math.expm1(held.get("nll", 0.0)),
                   dense_nll=stop.dense_nll, tokens=stop.tokens, on="holdout"),
@@ -205,8 +209,8 @@ def perplexity_increase(loss: dict) -> dict:
   return loss
 
 
-def additive(sens: calibration.Sensitivity, config) -> dict:
-  plan = calibration.allocate(sens, config.num_layers, config.intermediate_size, kind=FLAGS.loss,
+def additive(sens: additive_allocation.Sensitivity, config) -> dict:
+  plan = additive_allocation.allocate(sens, config.num_layers, config.intermediate_size, kind=FLAGS.loss,
                               target_ffn_fraction=FLAGS.target_ffn_fraction,
                               max_loss=FLAGS.max_loss, steps=FLAGS.steps)
   return {"beta": list(plan.layer_beta), "ffn_fraction": plan.ffn_fraction,
@@ -214,7 +218,7 @@ def additive(sens: calibration.Sensitivity, config) -> dict:
           "sensitivity": sens.record()}
 
 
-def greedy(plan: calibration.GreedyAllocation) -> dict:
+def greedy(plan: greedy_allocation.GreedyAllocation) -> dict:
   """The β file of a greedy allocation; `measured` is on the calibration windows."""
   return {"beta": list(plan.layer_beta), "ffn_fraction": plan.ffn_fraction,
           "measured": {"nll": plan.measured_nll, "perplexity_increase": math.expm1(plan.measured_nll),
@@ -223,4 +227,4 @@ def greedy(plan: calibration.GreedyAllocation) -> dict:
 
 
 if __name__ == "__main__":
-  app.run(cli.run_main(main))
+  app.run(main)

@@ -8,7 +8,7 @@ batches are kept in DIR/.partial-<run>/ until the artefacts are written),
 takes each text's core set at the clustering layer, clusters the multi-hot
 sets with k-means (k by the elbow of the inertia curve over 1..10, at least 4,
 unless --num_clusters), and stores each cluster's core set at every sparsified
-layer: an orbax checkpoint plus DIR/manifest.json (see coreinfer_jax/artefacts.py).
+layer: an orbax checkpoint plus DIR/manifest.json (see coreinfer_jax/core/artefacts.py).
 """
 
 import dataclasses
@@ -17,16 +17,19 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags
 
-from coreinfer_jax import artefacts, cli, clustering, texts  # noqa: E402
-from coreinfer_jax.core import num_core_neurons  # noqa: E402
+from coreinfer_jax.cli import app, models
+from coreinfer_jax.cli import flags as cli_flags
+from coreinfer_jax.core import artefacts, methods
+from coreinfer_jax.core.spec import num_core_neurons
+from coreinfer_jax.eval import datasets
+from coreinfer_jax.offline import clustering
 
-cli.define_model_flags()
-cli.define_core_flags(with_method=False)
-cli.define_dataset_flags()
+cli_flags.define_model_flags()
+cli_flags.define_core_flags(with_method=False)
+cli_flags.define_dataset_flags()
 flags.DEFINE_string("out_dir", None, "where the artefacts go (replaced atomically)")
 flags.DEFINE_integer("cluster_layer", None, "layer whose core sets are clustered "
                      "(default: 25/32 of the depth, as the paper)")
@@ -59,11 +62,11 @@ def _num_clusters(text: str):
 def main(argv):
   del argv
   t_start = time.perf_counter()
-  s = cli.settings(FLAGS, ["dtype", "batch_size", "max_tokens"] + cli.SPEC_FLAGS)
+  s = app.settings(["dtype", "batch_size", "max_tokens"] + list(methods.SPEC_SETTINGS))
   if not FLAGS.out_dir:
     raise ValueError("--out_dir is required")
-  config = cli.model_config(FLAGS.model)
-  spec = cli.core_spec_for("stability", s, config)
+  config = models.model_config(FLAGS.model)
+  spec = methods.spec_for(s, config)
   layer = (clustering.default_cluster_layer(config.num_layers) if FLAGS.cluster_layer is None
            else FLAGS.cluster_layer)
   if not 0 <= layer < config.num_layers:
@@ -77,13 +80,13 @@ def main(argv):
   requested = _num_clusters(FLAGS.num_clusters)
   plan = clustering.StatisticsPlan.for_spec(
       spec, layer, num_core_neurons(cluster_beta, config.intermediate_size))
-  data = cli.texts_from_flags(FLAGS.limit)
-  kept, held_out = texts.split_indices(len(data), FLAGS.holdout_fraction, FLAGS.split_seed)
+  data = cli_flags.texts_from_flags(FLAGS.limit)
+  kept, held_out = datasets.split_indices(len(data), FLAGS.holdout_fraction, FLAGS.split_seed)
   clustered = data.subset(kept)
   if requested and requested > len(clustered):
     raise ValueError(f"--num_clusters {requested} exceeds the {len(clustered)} texts clustered")
 
-  m, load_seconds = cli.load(FLAGS.model, cli.resolve_dtype(s["dtype"]))
+  m, load_seconds = models.load(FLAGS.model, models.resolve_dtype(s["dtype"]))
   if m.tokenizer is None:
     raise ValueError(f"{m.path} has no tokenizer: clustering needs one to read the texts")
   print(f"[loaded {m.path} in {load_seconds:.1f}s; clustering layer {layer}, k {plan.cluster_k}; "
@@ -135,4 +138,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(cli.run_main(main))
+  app.run(main)

@@ -6,7 +6,7 @@
 
 Log-likelihood tasks score continuations as decoding would (the context is
 prefilled densely and chooses the core neurons; the continuation runs on the
-compact FFNs over the context's cache): see coreinfer_jax/scoring.py.
+compact FFNs over the context's cache): see coreinfer_jax/eval/scorer.py.
 Writes a JSON of every number with its n and settings, a Markdown table
 (`--markdown_out`, default beside the JSON) and the frontier plot (`--plot`).
 """
@@ -16,20 +16,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags
+from absl import flags
 
-from coreinfer_jax import cli, evaluation, plots, tasks
-from coreinfer_jax.generation import DEFAULT_BUCKETS
-from coreinfer_jax.scoring import CONTINUATION_BUCKETS, ContinuationScorer, Method
+from coreinfer_jax.analysis import plots
+from coreinfer_jax.cli import app, models
+from coreinfer_jax.cli import flags as cli_flags
+from coreinfer_jax.core import methods
+from coreinfer_jax.core.policy import Dense, Similarity
+from coreinfer_jax.eval import frontier, runners, tasks
+from coreinfer_jax.eval.scorer import CONTINUATION_BUCKETS, ContinuationScorer
+from coreinfer_jax.runtime.batching import DEFAULT_BUCKETS
 
-cli.define_model_flags()
+cli_flags.define_model_flags()
 flags.DEFINE_list("tasks", ["wikitext", "piqa"], f"tasks: {', '.join(tasks.TASKS)}")
-flags.DEFINE_list("methods", ["dense", "stability"], f"methods: {', '.join(cli.METHODS)} "
+flags.DEFINE_list("methods", ["dense", "stability"], f"methods: {', '.join(methods.METHODS)} "
                   "(with --beta_file, its per-layer budgets are evaluated too)")
 flags.DEFINE_list("betas", ["0.8", "0.6", "0.4"], "stability: kept fractions β")
 flags.DEFINE_list("scorings", ["signed"], "stability and --beta_file: core-neuron scorings")
@@ -84,28 +87,28 @@ def check_calibration_disjoint(beta_file: str, data_dir: str) -> None:
                        f"{evaluated_end}): calibrate on other text or skip past them")
 
 
-def build_methods(config, fingerprint):
-  unknown = [m for m in FLAGS.methods if m not in cli.METHODS]
-  if unknown:
-    raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(cli.METHODS)}")
-  methods = []
+def build_policies(config, fingerprint):
+  for name in FLAGS.methods:
+    methods.check_method(name)
+  policies = []
   if "dense" in FLAGS.methods:
-    methods.append(Method("dense", family="dense"))
+    policies.append(Dense())
   if "stability" in FLAGS.methods:
-    methods += evaluation.stability_methods(config, FLAGS.scorings, [float(b) for b in FLAGS.betas],
+    policies += runners.stability_methods(config, FLAGS.scorings, [float(b) for b in FLAGS.betas],
                                             FLAGS.layer_sets, FLAGS.alpha)
   if FLAGS.beta_file:
     label = "beta_file:" + os.path.splitext(os.path.basename(FLAGS.beta_file))[0]
-    methods += evaluation.beta_file_methods(config, FLAGS.beta_file, label,
+    policies += runners.beta_file_methods(config, FLAGS.beta_file, label,
                                             FLAGS.beta_file_scorings or FLAGS.scorings, FLAGS.alpha)
   if "similarity" in FLAGS.methods:
-    art = cli.clusters_for("similarity", FLAGS.cluster_dir, config, None, fingerprint)
-    methods.append(Method("similarity", art.spec, art, kind="similarity", family="similarity"))
+    if not FLAGS.cluster_dir:
+      raise ValueError("--method=similarity needs --cluster_dir (built by scripts/cluster.py)")
+    policies.append(Similarity(methods.load_clusters(FLAGS.cluster_dir, config, fingerprint, None)))
   elif FLAGS.cluster_dir:
     raise ValueError("--cluster_dir is only used with --methods=...,similarity")
-  if not methods:
+  if not policies:
     raise ValueError("no method to evaluate")
-  return methods
+  return policies
 
 
 def main(argv):
@@ -115,11 +118,11 @@ def main(argv):
   chosen = [tasks.get_task(name) for name in FLAGS.tasks]
   if FLAGS.beta_file and any(t.name == "wikitext" for t in chosen):
     check_calibration_disjoint(FLAGS.beta_file, FLAGS.data_dir)
-  config = cli.model_config(FLAGS.model)
-  fingerprint = cli.model_fingerprint(FLAGS.model)
-  methods = build_methods(config, fingerprint)
-  m, load_seconds = cli.load(FLAGS.model, cli.resolve_dtype(FLAGS.dtype))
-  scorer = ContinuationScorer(m.config, m.params, methods, cache_len=FLAGS.cache_len,
+  config = models.model_config(FLAGS.model)
+  fingerprint = models.model_fingerprint(FLAGS.model)
+  policies = build_policies(config, fingerprint)
+  m, load_seconds = models.load(FLAGS.model, models.resolve_dtype(FLAGS.dtype))
+  scorer = ContinuationScorer(m.config, m.params, policies, cache_len=FLAGS.cache_len,
                               buckets=[int(b) for b in FLAGS.buckets],
                               continuation_buckets=[int(b) for b in FLAGS.continuation_buckets])
   t0 = time.perf_counter()
@@ -129,19 +132,19 @@ def main(argv):
       ids = m.tokenizer(tasks.wikitext_text(FLAGS.data_dir))["input_ids"]
       windows = tasks.token_windows(ids, FLAGS.window_context, FLAGS.window_continuation,
                                     FLAGS.windows)
-      results += evaluation.evaluate_perplexity(scorer, windows, task.name, FLAGS.progress)
+      results += runners.evaluate_perplexity(scorer, windows, task.name, FLAGS.progress)
     elif task.kind == "multiple_choice":
       examples = tasks.load_examples(task, FLAGS.data_dir, FLAGS.limit, FLAGS.num_fewshot)
-      results += evaluation.evaluate_choices(scorer, m.tokenizer, examples, task.name, FLAGS.progress)
+      results += runners.evaluate_choices(scorer, m.tokenizer, examples, task.name, FLAGS.progress)
     else:
       examples = tasks.load_examples(task, FLAGS.data_dir, FLAGS.generation_limit or FLAGS.limit,
                                      FLAGS.num_fewshot)
-      results += evaluation.evaluate_generation(scorer, m.tokenizer, task, examples, FLAGS.progress)
+      results += runners.evaluate_generation(scorer, m.tokenizer, task, examples, FLAGS.progress)
     partial = [r.record() for r in results]
-    cli.write_json(FLAGS.json_out, {"settings": settings(fingerprint, load_seconds, t0),
+    app.write_json(FLAGS.json_out, {"settings": settings(fingerprint, load_seconds, t0),
                                     "results": partial})
   records = [r.record() for r in results]
-  table = evaluation.markdown_table(records)
+  table = frontier.markdown_table(records)
   print(table)
   if FLAGS.json_out:
     with open(FLAGS.markdown_out or os.path.splitext(FLAGS.json_out)[0] + ".md", "w") as fh:
@@ -160,4 +163,4 @@ def settings(fingerprint, load_seconds, t0):
 
 
 if __name__ == "__main__":
-  app.run(cli.run_main(main))
+  app.run(main)

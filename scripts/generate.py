@@ -6,19 +6,18 @@
   python scripts/generate.py --prompt="..." --method=similarity --cluster_dir=clusters/tqa
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
 
-from absl import app, flags  # noqa: E402
+from coreinfer_jax.cli import app, models
+from coreinfer_jax.cli import flags as cli_flags
+from coreinfer_jax.core import methods
+from coreinfer_jax.runtime.generator import Generator
+from coreinfer_jax.runtime.sampling import SamplingConfig
 
-from coreinfer_jax import cli  # noqa: E402
-from coreinfer_jax.generation import Generator  # noqa: E402
-from coreinfer_jax.sampling import SamplingConfig  # noqa: E402
-
-cli.define_model_flags()
-cli.define_core_flags()
+cli_flags.define_model_flags()
+cli_flags.define_core_flags()
 flags.DEFINE_string("prompt", None, "the prompt")
 flags.DEFINE_string("prompts_file", None, "a file of prompts, one per line, run one after another")
 flags.DEFINE_integer("max_new_tokens", 64, "most tokens to generate per prompt")
@@ -51,23 +50,23 @@ def _prompts():
 
 def main(argv):
   del argv
-  s = cli.settings(FLAGS, ["dtype", "cache_len", "max_new_tokens", "temperature", "top_k",
-                           "top_p", "seed", "chat"] + cli.CORE_FLAGS)
+  s = app.settings(["dtype", "cache_len", "max_new_tokens", "temperature", "top_k", "top_p",
+                    "seed", "chat"] + cli_flags.CORE_FLAGS)
   if s["max_new_tokens"] < 1:
     raise ValueError(f"--max_new_tokens must be at least 1, got {s['max_new_tokens']}")
   sampling = SamplingConfig(s["temperature"], s["top_k"], s["top_p"])
   prompts = _prompts()
-  config = cli.model_config(FLAGS.model)
-  core = cli.core_spec_for(s["method"], s, config)
-  clusters = cli.clusters_for(s["method"], s["cluster_dir"], config, core,
-                              cli.model_fingerprint(FLAGS.model))
-  m, load_seconds = cli.load(FLAGS.model, cli.resolve_dtype(s["dtype"]))
+  config = models.model_config(FLAGS.model)
+  policy = methods.policy_for(s["method"], s, config, cluster_dir=s["cluster_dir"],
+                              fingerprint=models.model_fingerprint(FLAGS.model))
+  core, similarity = policy.spec, s["method"] == "similarity"
+  m, load_seconds = models.load(FLAGS.model, models.resolve_dtype(s["dtype"]))
   print(f"[loaded {m.path} in {load_seconds:.1f}s]", file=sys.stderr)
   if core:
     print(f"[{s['method']}: {core.summary()}]", file=sys.stderr)
   gen = Generator(m.config, m.params, m.tokenizer, cache_len=s["cache_len"], sampling=sampling,
-                  seed=s["seed"], core=core, clusters=clusters,
-                  preload_clusters=FLAGS.preload_clusters, time_selection=FLAGS.time_selection)
+                  seed=s["seed"], policy=policy, preload=FLAGS.preload_clusters,
+                  time_selection=FLAGS.time_selection)
   records = []
   for prompt in prompts:
     ids = gen.encode(prompt, chat=s["chat"])
@@ -82,7 +81,7 @@ def main(argv):
     print(f"[prompt {result.prompt_tokens} tokens, prefill {stats.prefill_seconds * 1e3:.1f} ms"
           + ("" if select_gather is None else f" (select + gather {select_gather * 1e3:.1f} ms)")
           + ("" if core is None else f" (gather {stats.gather_seconds * 1e3:.1f} ms)")
-          + ("" if clusters is None else f" (cluster {stats.cluster_ids[0]})") + ", "
+          + ("" if not similarity else f" (cluster {stats.cluster_ids[0]})") + ", "
           f"{len(result.token_ids)} new tokens, decode {stats.decode_tokens_per_second:.1f} tokens/s, "
           f"stop: {result.finish_reason}]", file=sys.stderr)
     records.append({
@@ -96,7 +95,7 @@ def main(argv):
         "ffn_bytes_fraction": stats.ffn_bytes_fraction,
         "decode_tokens_per_second": stats.decode_tokens_per_second,
         "decode_compiles": gen.compiled.compiles["decode"],
-        "cluster_id": stats.cluster_ids[0] if clusters else None,
+        "cluster_id": stats.cluster_ids[0] if similarity else None,
     })
   compile_seconds = dict(gen.compiled.compile_seconds)
   print(f"[compiles {dict(gen.compiled.compiles)}, compile seconds "
@@ -106,8 +105,8 @@ def main(argv):
   payload.update(model=m.path, method=s["method"], core=core.summary() if core else None,
                  load_seconds=load_seconds, compile_seconds=compile_seconds,
                  decode_compiles=gen.compiled.compiles["decode"])
-  cli.write_json(FLAGS.json_out, payload)
+  app.write_json(FLAGS.json_out, payload)
 
 
 if __name__ == "__main__":
-  app.run(cli.run_main(main))
+  app.run(main)

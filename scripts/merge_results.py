@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags
+from absl import flags
 
-from coreinfer_jax import cli, evaluation, plots
+from coreinfer_jax.analysis import plots
+from coreinfer_jax.cli import app
+from coreinfer_jax.eval import frontier
 
 flags.DEFINE_list("inputs", None, "evaluate.py JSON files")
 flags.DEFINE_list("metrics", [], "task:metric columns of the table (default: every metric)")
@@ -86,14 +86,14 @@ def main(argv):
     raise ValueError("--inputs and --json_out are required")
   runs, records = merge(FLAGS.inputs, FLAGS.labels)
   merged = {"runs": runs, "results": records}
-  table = evaluation.markdown_table(selected(records, FLAGS.metrics))
+  table = frontier.markdown_table(selected(records, FLAGS.metrics))
   if FLAGS.within_loss:
     task, metric, max_loss = within_loss_flag(FLAGS.within_loss)
-    rows = evaluation.most_removed_within(records, task, metric, max_loss)
+    rows = frontier.most_removed_within(records, task, metric, max_loss)
     merged["within_loss"] = {"task": task, "metric": metric, "max_loss": max_loss, "rows": rows}
     table += (f"\nMost FFN bytes removed within {max_loss:.0%} of dense {task} {metric}:\n\n"
-              + evaluation.within_loss_table(rows, metric))
-  cli.write_json(FLAGS.json_out, merged)
+              + frontier.within_loss_table(rows, metric))
+  app.write_json(FLAGS.json_out, merged)
   with open(FLAGS.markdown_out or os.path.splitext(FLAGS.json_out)[0] + ".md", "w") as fh:
     fh.write(table)
   print(table)
@@ -104,4 +104,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(cli.run_main(main))
+  app.run(main)

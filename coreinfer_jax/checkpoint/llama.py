@@ -1,0 +1,204 @@
+"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2): RMSNorm before each
+block, RoPE, grouped-query attention, SwiGLU FFN.
+
+Its Hugging Face config -> `ModelConfig`, its Hugging Face tensor names ->
+`ModelParams`, and llama.cpp's GGUF names and layout, which reduce a GGUF
+file to the same Hugging Face config and tensors.
+"""
+
+from __future__ import annotations
+
+from typing import AbstractSet, Any, Callable, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+
+from coreinfer_jax.checkpoint.common import Take, attention_params, eos_ids, require
+from coreinfer_jax.checkpoint.errors import UnsupportedConfigError
+from coreinfer_jax.model.config import Llama3RopeScaling, ModelConfig
+from coreinfer_jax.model.ffn import FFNParams
+from coreinfer_jax.model.params import LayerParams, ModelParams, NormParams
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+# The config fields this module reads or checks.
+KNOWN_FIELDS = frozenset("""
+  vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads
+  num_key_value_heads head_dim max_position_embeddings rms_norm_eps tie_word_embeddings
+  hidden_act mlp_bias attention_bias rope_theta rope_scaling rope_parameters
+  sliding_window use_sliding_window max_window_layers use_mrope layer_types
+""".split())
+GGUF_ARCHITECTURES = ("llama",)
+
+
+def _rope_settings(cfg: Mapping[str, Any]) -> Tuple[float, Optional[Llama3RopeScaling], float]:
+  """(theta, llama3 scaling, linear factor) from `rope_parameters` (transformers
+  5) or `rope_theta` + `rope_scaling` (earlier configs)."""
+  params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+  theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+  rope_type = params.get("rope_type", params.get("type", "default"))
+  field = "rope_parameters" if "rope_parameters" in cfg else "rope_scaling"
+  if rope_type == "default":
+    return theta, None, 1.0
+  if rope_type == "linear":
+    return theta, None, float(params["factor"])
+  if rope_type == "llama3":
+    return theta, Llama3RopeScaling(
+        factor=float(params["factor"]),
+        low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+    ), 1.0
+  raise UnsupportedConfigError(
+      f"config field {field!r} has rope_type {rope_type!r}: only default, linear "
+      "and llama3 RoPE are implemented")
+
+
+def config_from_hf(cfg: Mapping[str, Any]) -> ModelConfig:
+  """The `ModelConfig` of a Llama-family config dict whose fields
+  `architectures.config_from_hf` has already checked are all known."""
+  model_type = cfg["model_type"]
+  act = cfg.get("hidden_act", "silu")
+  require(cfg, "hidden_act", act == "silu", "the Llama family is implemented with SiLU (SwiGLU)")
+  require(cfg, "mlp_bias", not cfg.get("mlp_bias", False), "FFN biases in a Llama-family model")
+  if model_type == "qwen2":
+    require(cfg, "use_sliding_window", not cfg.get("use_sliding_window", False),
+            "Qwen2 sliding-window attention")
+  layer_types = cfg.get("layer_types") or []
+  require(cfg, "layer_types", all(t == "full_attention" for t in layer_types),
+          "only full attention layers are implemented")
+  num_layers = int(cfg["num_hidden_layers"])
+  num_heads = int(cfg["num_attention_heads"])
+  hidden = int(cfg["hidden_size"])
+  head_dim = cfg.get("head_dim") or hidden // num_heads
+  theta, llama3, linear = _rope_settings(cfg)
+  attention_bias = bool(cfg.get("attention_bias", model_type == "qwen2"))
+  sliding = cfg.get("sliding_window") if model_type == "mistral" else None
+  return ModelConfig(
+      model_type=model_type,
+      vocab_size=int(cfg["vocab_size"]),
+      hidden_size=hidden,
+      intermediate_size=int(cfg["intermediate_size"]),
+      num_layers=num_layers,
+      num_heads=num_heads,
+      num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+      head_dim=int(head_dim),
+      max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+      norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+      tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+      norm="rms",
+      norm_placement="pre",
+      final_norm=True,
+      ffn_activation="silu_gated",
+      positions="rope",
+      # Qwen2 has q/k/v biases but no o bias; Llama's attention_bias covers all four.
+      qkv_bias=attention_bias,
+      o_bias=attention_bias and model_type != "qwen2",
+      rope_theta=theta,
+      rope_scaling=llama3,
+      rope_linear_factor=linear,
+      # Mistral's sliding window applies to every layer.
+      layer_windows=(int(sliding) if sliding else None,) * num_layers,
+      bos_token_id=cfg.get("bos_token_id"),
+      eos_token_ids=eos_ids(cfg.get("eos_token_id")),
+  )
+
+
+def params(take: Take, c: ModelConfig) -> ModelParams:
+  """Parameters from the Hugging Face tensor names (`model.layers.{i}...`)."""
+  D, F = c.hidden_size, c.intermediate_size
+  layers = []
+  for i in range(c.num_layers):
+    p = f"model.layers.{i}"
+    layers.append(LayerParams(
+        attn_norm=NormParams(take(f"{p}.input_layernorm.weight", (D,))),
+        attn=attention_params(take, c, f"{p}.self_attn", "o_proj"),
+        ffn_norm=NormParams(take(f"{p}.post_attention_layernorm.weight", (D,))),
+        ffn=FFNParams(
+            gate_FD=take(f"{p}.mlp.gate_proj.weight", (F, D)),
+            up_FD=take(f"{p}.mlp.up_proj.weight", (F, D)),
+            down_FD=take(f"{p}.mlp.down_proj.weight", (F, D), transpose=True),
+        ),
+    ))
+  embed = take("model.embed_tokens.weight", (c.vocab_size, D))
+  if c.tie_word_embeddings:
+    take.discard("lm_head.weight")
+  return ModelParams(
+      embed_VE=embed,
+      layers=tuple(layers),
+      final_norm=NormParams(take("model.norm.weight", (D,))),
+      lm_head_VE=None if c.tie_word_embeddings else take("lm_head.weight", (c.vocab_size, D)),
+  )
+
+
+# --- GGUF (llama.cpp) ---------------------------------------------------------
+
+_GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GGUF_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def hf_config_from_gguf(arch: str, field: Callable[..., Any],
+                        tensor_names: AbstractSet[str]) -> Dict[str, Any]:
+  """The Hugging Face config dict of a GGUF file, from its metadata
+  (`field(key, default)`) and the names of its tensors."""
+  if "rope_freqs.weight" in tensor_names:
+    raise UnsupportedConfigError("GGUF tensor 'rope_freqs.weight' (llama3 RoPE factors) is not supported; "
+                                 "load the Hugging Face folder instead")
+  heads = int(field(f"{arch}.attention.head_count"))
+  hidden = int(field(f"{arch}.embedding_length"))
+  vocab = field(f"{arch}.vocab_size") or len(field("tokenizer.ggml.tokens"))
+  return {
+      "model_type": "llama",
+      "vocab_size": int(vocab),
+      "hidden_size": hidden,
+      "intermediate_size": int(field(f"{arch}.feed_forward_length")),
+      "num_hidden_layers": int(field(f"{arch}.block_count")),
+      "num_attention_heads": heads,
+      "num_key_value_heads": int(field(f"{arch}.attention.head_count_kv", heads)),
+      "head_dim": int(field(f"{arch}.rope.dimension_count", hidden // heads)),
+      "max_position_embeddings": int(field(f"{arch}.context_length", 2048)),
+      "rms_norm_eps": float(field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+      "rope_theta": float(field(f"{arch}.rope.freq_base", 10000.0)),
+      "tie_word_embeddings": "output.weight" not in tensor_names,
+      "attention_bias": "blk.0.attn_q.bias" in tensor_names,
+      "bos_token_id": field("tokenizer.ggml.bos_token_id"),
+      "eos_token_id": field("tokenizer.ggml.eos_token_id"),
+  }
+
+
+def hf_name_from_gguf(name: str) -> str:
+  if name in _GGUF_GLOBAL_NAMES:
+    return _GGUF_GLOBAL_NAMES[name]
+  parts = name.split(".", 2)
+  if parts[0] == "blk" and len(parts) == 3 and parts[2] in _GGUF_LAYER_NAMES:
+    return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}"
+  raise UnsupportedConfigError(f"GGUF tensor {name!r} has no Hugging Face equivalent here")
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+  """Undoes llama.cpp's row permutation of Q/K for its interleaved RoPE."""
+  rows, cols = w.shape
+  return w.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def to_hf_layout(gguf_name: str, array: np.ndarray, hf_config: Mapping[str, Any]) -> np.ndarray:
+  """A dequantized GGUF tensor in its Hugging Face layout: Q and K rows
+  unpermuted, every other tensor as it is."""
+  heads = {"attn_q.weight": hf_config["num_attention_heads"],
+           "attn_k.weight": hf_config["num_key_value_heads"]}.get(gguf_name.split(".", 2)[-1])
+  return unpermute_qk(array, heads) if heads else array

@@ -1,0 +1,55 @@
+"""The flags the scripts share: model, core settings, text datasets."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from absl import flags
+
+from coreinfer_jax.cli.models import DTYPES
+from coreinfer_jax.core.methods import METHODS, SPEC_SETTINGS
+from coreinfer_jax.core.spec import SCORINGS
+from coreinfer_jax.eval import datasets
+
+FLAGS = flags.FLAGS
+CORE_FLAGS = ["method", "cluster_dir"] + list(SPEC_SETTINGS)
+
+
+def define_model_flags() -> None:
+  flags.DEFINE_string("model", None, "Hugging Face checkpoint folder or .gguf file "
+                      "(default: the embedded SmolLM2-135M-Instruct)")
+  flags.DEFINE_enum("dtype", "auto", ["auto"] + sorted(DTYPES), "compute dtype "
+                    "(auto: float32 on CPU, bfloat16 on GPU/TPU)")
+  flags.DEFINE_integer("cache_len", 1024, "KV cache length (prompt bucket + new tokens must fit)")
+
+
+def define_core_flags(with_method: bool = True) -> None:
+  """The core settings (`SPEC_SETTINGS`), and with `with_method` the method and
+  the cluster artefacts of similarity-guided decoding (`CORE_FLAGS`)."""
+  if with_method:
+    flags.DEFINE_string("method", "dense", f"decoding method: {' | '.join(METHODS)}")
+    flags.DEFINE_string("cluster_dir", None, "similarity: the folder scripts/cluster.py wrote")
+  flags.DEFINE_string("beta", "0.4", "kept fraction of FFN neurons in each sparsified layer: "
+                      "one value, or a comma list with one value per sparsified layer")
+  flags.DEFINE_float("alpha", 0.2, "token-wise core fraction (signed, magnitude scorings)")
+  flags.DEFINE_string("scoring", "signed", f"core-neuron scoring: {' | '.join(SCORINGS)}")
+  flags.DEFINE_string("sparse_layers", "paper", "sparsified layers: 'paper' (the official "
+                      "5..26 of 32, as a fraction of depth), 'all', 'A:B' or a comma list")
+  flags.DEFINE_string("beta_file", None, "JSON with one β per model layer (null: dense); "
+                      "replaces --beta and --sparse_layers")
+
+
+def define_dataset_flags() -> None:
+  """The text dataset of scripts/cluster.py and scripts/analyze.py."""
+  flags.DEFINE_string("dataset", "truthfulqa", "truthfulqa (read from --data_dir) or a .txt "
+                      "(one text per line), .jsonl or .csv file")
+  flags.DEFINE_string("data_dir", None, "folder holding the named datasets")
+  flags.DEFINE_string("text_field", "text", ".jsonl field or .csv column holding the text")
+  flags.DEFINE_string("label_field", None, ".jsonl field or .csv column holding a group label")
+  flags.DEFINE_integer("batch_size", 8, "texts per prefill batch")
+  flags.DEFINE_integer("max_tokens", 256, "tokens kept per text (longer texts are truncated)")
+
+
+def texts_from_flags(limit: Optional[int]) -> datasets.TextSet:
+  return datasets.load_texts(FLAGS.dataset, FLAGS.data_dir, text_key=FLAGS.text_field,
+                             label_key=FLAGS.label_field, limit=limit)

@@ -1,0 +1,92 @@
+"""Byte accounting: what a decode token reads, and the FFN fractions reported.
+
+Every byte and FFN-fraction figure of the library comes from here:
+`decode_weight_bytes` (a dense decode token), `ffn_bytes_per_sequence` (per
+FFN kind), `ffn_bytes_fraction` and `decode_weight_bytes_per_sequence` (a
+sparse decode against dense), `spec_ffn_bytes_fraction` (from a core spec's
+sizes alone, no gather) and `kept_rows_fraction` (calibration's budget).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from coreinfer_jax.core.gather import gather_shared
+from coreinfer_jax.core.spec import CoreSpec, num_core_neurons
+from coreinfer_jax.model.ffn import FFNParams, MaskedFFN, PerSequenceFFN
+from coreinfer_jax.model.params import ModelParams
+
+
+def param_bytes(tree) -> int:
+  return int(sum(np.prod(a.shape) * a.dtype.itemsize for a in jax.tree_util.tree_leaves(tree)))
+
+
+def decode_weight_bytes(params: ModelParams) -> int:
+  """Weight bytes one decode token reads: every layer, the final norm and the
+  output projection in full, plus one row of the input embedding (and of the
+  learned positions) when the output projection is not that same matrix."""
+  total = param_bytes((params.layers, params.final_norm, params.output_embedding,
+                       params.project_in_DE, params.project_out_ED))
+  row_bytes = params.embed_VE.shape[1] * params.embed_VE.dtype.itemsize
+  if params.lm_head_VE is not None:
+    total += row_bytes
+  if params.positions_PD is not None:
+    total += params.positions_PD.shape[1] * params.positions_PD.dtype.itemsize
+  return total
+
+
+@functools.singledispatch
+def ffn_bytes_per_sequence(ffn) -> float:
+  """FFN weight bytes one sequence's decode token reads."""
+  raise TypeError(f"no byte accounting for {type(ffn).__name__}")
+
+
+@ffn_bytes_per_sequence.register
+def _(ffn: FFNParams) -> float:
+  return float(param_bytes(ffn))
+
+
+@ffn_bytes_per_sequence.register
+def _(ffn: PerSequenceFFN) -> float:
+  return param_bytes(ffn.replace(down_bias_D=None)) / ffn.batch + param_bytes(ffn.down_bias_D)
+
+
+@ffn_bytes_per_sequence.register
+def _(ffn: MaskedFFN) -> float:
+  raise TypeError("a MaskedFFN reads the dense rows: it scores core sets, it does not decode")
+
+
+def model_ffn_bytes_per_sequence(params: ModelParams) -> float:
+  return sum(ffn_bytes_per_sequence(layer.ffn) for layer in params.layers)
+
+
+def ffn_bytes_fraction(dense: ModelParams, sparse: ModelParams) -> float:
+  """FFN weight bytes read per decode token, sparse over dense."""
+  return model_ffn_bytes_per_sequence(sparse) / model_ffn_bytes_per_sequence(dense)
+
+
+def decode_weight_bytes_per_sequence(dense: ModelParams, sparse: ModelParams) -> float:
+  """All weight bytes one sequence's decode token reads with `sparse` FFNs."""
+  return (decode_weight_bytes(dense) - model_ffn_bytes_per_sequence(dense)
+          + model_ffn_bytes_per_sequence(sparse))
+
+
+def spec_ffn_bytes_fraction(params: ModelParams, spec: Optional[CoreSpec]) -> float:
+  """FFN weight bytes per decode token under `spec`, over dense (from shapes alone)."""
+  if spec is None:
+    return 1.0
+  compact = tuple(None if k is None else jax.eval_shape(
+      gather_shared, layer.ffn, jax.ShapeDtypeStruct((k,), jnp.int32))
+      for layer, k in zip(params.layers, spec.layer_k))
+  return ffn_bytes_fraction(params, params.with_ffns(compact))
+
+
+def kept_rows_fraction(layer_beta: Sequence[Optional[float]], num_neurons: int) -> float:
+  """Kept FFN rows over all rows (every layer has `num_neurons`)."""
+  kept = [num_neurons if b is None else num_core_neurons(b, num_neurons) for b in layer_beta]
+  return sum(kept) / (num_neurons * len(kept))

@@ -1,0 +1,55 @@
+"""Compact FFN weights from core-neuron indices.
+
+`gather_per_sequence` keeps, per sequence, rows `core[b]` of every
+neuron-major matrix (`PerSequenceFFN`, `[B, k, D]`), so each sequence of a
+batch decodes with its own core set; `gather_shared` keeps one set's rows for
+the whole batch (`FFNParams` of k rows). Rows are kept in ascending neuron
+order whatever the ranking: with k = F the compact FFN is the dense FFN
+itself, bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from coreinfer_jax.model.ffn import FFNParams, PerSequenceFFN
+from coreinfer_jax.model.params import ModelParams
+
+CoreSets = Tuple[Optional[jax.Array], ...]   # per layer int32 [B, k], or None (dense)
+CompactFFNs = Tuple[Optional[PerSequenceFFN], ...]
+
+
+def _rows(w: Optional[jax.Array], core: jax.Array) -> Optional[jax.Array]:
+  return None if w is None else jnp.take(w, jnp.sort(core, axis=-1), axis=0)
+
+
+def gather_per_sequence(ffn: FFNParams, core_BK: jax.Array) -> PerSequenceFFN:
+  """Rows `core_BK[b]` of every neuron-major weight, for each sequence b."""
+  return PerSequenceFFN(up_BKD=_rows(ffn.up_FD, core_BK), down_BKD=_rows(ffn.down_FD, core_BK),
+                        gate_BKD=_rows(ffn.gate_FD, core_BK),
+                        up_bias_BK=_rows(ffn.up_bias_F, core_BK), down_bias_D=ffn.down_bias_D)
+
+
+def gather_shared(ffn: FFNParams, core_K: jax.Array) -> FFNParams:
+  """Rows `core_K` of every neuron-major weight, one compact FFN for the batch."""
+  return FFNParams(up_FD=_rows(ffn.up_FD, core_K), down_FD=_rows(ffn.down_FD, core_K),
+                   gate_FD=_rows(ffn.gate_FD, core_K), up_bias_F=_rows(ffn.up_bias_F, core_K),
+                   down_bias_D=ffn.down_bias_D)
+
+
+def gather_core(params: ModelParams, core: CoreSets) -> CompactFFNs:
+  """Per layer, the per-sequence compact FFN (None where the layer stays
+  dense). Jit this: it copies the kept rows once per sentence."""
+  return tuple(None if c is None else gather_per_sequence(layer.ffn, c)
+               for layer, c in zip(params.layers, core))
+
+
+def gather_core_into(params: ModelParams, core: CoreSets, out: CompactFFNs) -> CompactFFNs:
+  """`gather_core` writing into `out` when it is donated (`donate_argnums=2`):
+  reusing a finished sentence's buffers skips allocating and first-touching
+  the ~β of the FFN weights that every gather writes."""
+  del out   # only its buffers are used, through donation
+  return gather_core(params, core)

@@ -1,0 +1,61 @@
+"""Policies from user settings (method name + core flags), checked before any weights load.
+
+Shared by the scripts and the lm-eval model: `policy_for` turns a method
+name and the settings of the core flags into a `CorePolicy`, validating the
+settings against the model's config (and, for similarity, the cluster
+artefacts against the config, the checkpoint's fingerprint and the settings)
+so that bad input fails in seconds with one line.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+from coreinfer_jax.core import artefacts
+from coreinfer_jax.core.policy import CorePolicy, Dense, Similarity, Stability
+from coreinfer_jax.core.spec import CoreSpec, core_spec, parse_beta
+from coreinfer_jax.model.config import ModelConfig
+
+METHODS = ("dense", "stability", "similarity")
+SPEC_SETTINGS = ("beta", "alpha", "scoring", "sparse_layers", "beta_file")
+
+
+def check_method(method: str) -> None:
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def spec_for(settings: Mapping[str, Any], config: ModelConfig,
+             beta: Optional[str] = None) -> CoreSpec:
+  """The validated `CoreSpec` of the `SPEC_SETTINGS`; `beta` overrides settings["beta"]."""
+  return core_spec(config.num_layers, config.intermediate_size,
+                   beta=parse_beta(settings["beta"] if beta is None else beta),
+                   alpha=settings["alpha"], scoring=settings["scoring"],
+                   sparse_layers=settings["sparse_layers"], beta_file=settings["beta_file"])
+
+
+def load_clusters(cluster_dir: str, config: ModelConfig, fingerprint: Optional[str],
+                  spec: Optional[CoreSpec]) -> artefacts.ClusterArtefacts:
+  """The artefacts in `cluster_dir`, checked against the model and the core
+  settings asked for (small arrays: before any weights load)."""
+  art = artefacts.load(cluster_dir)
+  artefacts.check_compatible(cluster_dir, art.manifest, config=config, fingerprint=fingerprint,
+                             spec=spec)
+  return art
+
+
+def policy_for(method: str, settings: Mapping[str, Any], config: ModelConfig, *,
+               cluster_dir: Optional[str] = None, fingerprint: Optional[str] = None,
+               beta: Optional[str] = None) -> CorePolicy:
+  """The policy of a method name (`METHODS`) with the core settings."""
+  check_method(method)
+  if method != "similarity" and cluster_dir:
+    raise ValueError(f"--cluster_dir is only used by --method=similarity, not {method}")
+  if method == "dense":
+    return Dense()
+  spec = spec_for(settings, config, beta)
+  if method == "stability":
+    return Stability(spec)
+  if not cluster_dir:
+    raise ValueError("--method=similarity needs --cluster_dir (built by scripts/cluster.py)")
+  return Similarity(load_clusters(cluster_dir, config, fingerprint, spec))

@@ -1,0 +1,114 @@
+"""Decoding methods as policy objects: one vocabulary for every consumer.
+
+A policy says what the selecting prefill must rank (`requests`), which core
+set each sparsified layer decodes with (`core_sets`, traced inside the
+compiled prefill, from the rankings and the policy's own device `arrays`),
+and where the decode step's compact FFNs come from (`store`). `Generator`,
+the continuation scorer and the lm-eval model take a policy and ask nothing
+else of it, so a new method is a new subclass:
+
+- `Dense`: no selection, the dense FFN.
+- `Stability`: the prompt's own core sets (CoreInfer's stability-guided rule;
+  also a calibrated per-layer β file).
+- `Similarity`: the prompt's nearest offline cluster's sets.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from coreinfer_jax.core import clusters, store
+from coreinfer_jax.core.artefacts import ClusterArtefacts
+from coreinfer_jax.core.gather import CoreSets
+from coreinfer_jax.core.spec import CoreSpec
+from coreinfer_jax.core.taps import RankRequest, Rankings, take_core
+
+Requests = Tuple[Optional[RankRequest], ...]   # per model layer
+
+
+class CorePolicy(abc.ABC):
+  """A decoding method. `spec` holds the decode k of every layer (None: the
+  policy decodes dense); `name`, `kind` and `family` label its results."""
+
+  def __init__(self, name: str, kind: str, family: str, spec: Optional[CoreSpec]):
+    self.name, self.kind, self.family, self.spec = name, kind, family or name, spec
+
+  def requests(self, num_layers: int) -> Requests:
+    """Per model layer, the ranking the prefill must compute (None: none)."""
+    return (None,) * num_layers
+
+  def arrays(self) -> Any:
+    """Device arrays `core_sets` reads (a pytree, passed into the compiled prefill)."""
+    return ()
+
+  @abc.abstractmethod
+  def core_sets(self, rankings: Rankings, arrays: Any) -> Tuple[CoreSets, Dict[str, jax.Array]]:
+    """(per layer int32 [B, k] or None, extra per-sequence outputs such as
+    "cluster_ids" int32 [B]); traced inside the compiled prefill."""
+
+  def store(self, compiled) -> store.DenseStore:
+    """Where decoding's FFNs come from (`compiled`: a CompiledFunctions)."""
+    if self.spec is None:
+      return store.DenseStore()
+    return store.GatherStore(compiled, self.spec.layer_k)
+
+  def summary(self) -> dict:
+    record = {"method": self.name, "kind": self.kind, "family": self.family}
+    if self.spec is not None:
+      record.update(self.spec.summary())
+    return record
+
+
+class Dense(CorePolicy):
+  def __init__(self, name: str = "dense"):
+    super().__init__(name, "dense", "dense", None)
+
+  def core_sets(self, rankings: Rankings, arrays: Any):
+    return (None,) * len(rankings), {}
+
+
+class Stability(CorePolicy):
+  """Each prompt's own core sets, chosen by `spec`'s rule in the prefill."""
+
+  def __init__(self, spec: CoreSpec, name: str = "stability", kind: str = "stability",
+               family: str = ""):
+    super().__init__(name, kind, family, spec)
+
+  def requests(self, num_layers: int) -> Requests:
+    return tuple(None if k is None else RankRequest(self.spec.scoring, self.spec.alpha, k)
+                 for k in self.spec.layer_k)
+
+  def core_sets(self, rankings: Rankings, arrays: Any):
+    requests = self.requests(len(rankings))
+    return tuple(take_core(rankings, i, r) for i, r in enumerate(requests)), {}
+
+
+class Similarity(CorePolicy):
+  """The nearest cluster's stored sets; the prefill ranks only the clustering layer."""
+
+  def __init__(self, art: ClusterArtefacts, name: str = "similarity"):
+    super().__init__(name, "similarity", "similarity", art.spec)
+    self.art = art
+
+  def requests(self, num_layers: int) -> Requests:
+    spec = self.spec
+    return tuple(RankRequest(spec.scoring, spec.alpha, self.art.cluster_k)
+                 if i == self.art.cluster_layer else None for i in range(num_layers))
+
+  def arrays(self) -> Any:
+    return (jnp.asarray(self.art.centroids_CF),
+            tuple(None if s is None else jnp.asarray(s) for s in self.art.layer_sets))
+
+  def core_sets(self, rankings: Rankings, arrays: Any):
+    centroids_CF, sets = arrays
+    layer = self.art.cluster_layer
+    ids_B = clusters.nearest_cluster(centroids_CF, take_core(rankings, layer,
+                                                             self.requests(len(rankings))[layer]))
+    return tuple(None if s is None else s[ids_B] for s in sets), {"cluster_ids": ids_B}
+
+  def store(self, compiled) -> store.DenseStore:
+    return store.ClusterStore(compiled, self.art.layer_sets)

@@ -1,0 +1,161 @@
+"""Core-neuron selection from a prompt's FFN activations, as pure functions.
+
+Every function takes one layer's `NeuronValues` `[B, T, F]` over a (padded)
+prompt and a mask of its real tokens `[B, T]`, and returns exactly k distinct
+neuron indices per sequence, `int32 [B, k]`, with k static.
+
+Stability rule (GUIDE §1, faithful to the official code for `signed`):
+1. m = floor(α · mean over real tokens of |{i : s_t[i] > 0}|), in float32;
+2. each real token's m neurons of largest score s_t (ties: lower index first)
+   are that token's core neurons;
+3. neurons are ranked by how many tokens had them as core, then by their score
+   summed over real tokens (this fills k when fewer than k neurons were ever
+   core), then by index; the first k are kept.
+`signed` scores s = the neuron value (for ReLU FFNs the fc1 output before the
+ReLU, as the official code); `magnitude` scores s = |h|. `griffin` ranks
+neurons by the norm over tokens of each token's L2-normalised h (GRIFFIN; ranked by
+its square, a sum over tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from coreinfer_jax.model.ffn import NeuronValues
+
+
+def _sortable_keys(x: jax.Array) -> jax.Array:
+  """uint32 keys whose unsigned order is the float32 order of `x`."""
+  bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  negative = (bits >> 31).astype(bool)
+  return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+
+# Tokens per block of the token-wise pass: a block's scores `[F, 8]` stay in
+# cache through the 32 counting passes, and 8 int32 lanes fill one AVX2 vector
+# (1.7x faster than whole-prompt passes on the TinyLlama shape, XLA:CPU).
+TOKEN_BLOCK = 8
+
+
+def _threshold_key(keys_BFC: jax.Array, m_BC: jax.Array) -> jax.Array:
+  """Per column c, a key v whose `keys >= v` holds exactly the m largest when
+  they are unambiguous, else (ties at the m-th) the m-th largest key itself:
+  bisection over the 32 key bits, one counting pass per bit, stopping once
+  every column's count is exactly m (about 20 passes for real activations).
+  On XLA:CPU this is far faster than `lax.top_k` with k in the thousands."""
+  def unresolved(state):
+    bit, _, exact = state
+    return (bit >= 0) & ~jnp.all(exact)
+
+  def set_bit(state):
+    bit, answer, exact = state
+    candidate = answer | (jnp.uint32(1) << bit.astype(jnp.uint32))
+    count = jnp.sum(keys_BFC >= candidate[:, None, :], axis=1, dtype=jnp.int32)
+    take = (count >= m_BC) & ~exact
+    return bit - 1, jnp.where(take, candidate, answer), exact | (take & (count == m_BC))
+
+  start = (jnp.int32(31), jnp.zeros(m_BC.shape, jnp.uint32), jnp.zeros(m_BC.shape, bool))
+  return lax.while_loop(unresolved, set_bit, start)[1]
+
+
+def _top_m_block(scores_BFC: jax.Array, m_BC: jax.Array) -> jax.Array:
+  """bool [B, F, C]: each column's m largest scores, ties broken by lower index."""
+  keys = _sortable_keys(scores_BFC)
+  threshold = _threshold_key(keys, m_BC)[:, None, :]
+  above = keys > threshold
+  at = keys == threshold
+  room_B1C = m_BC[:, None, :] - jnp.sum(above, axis=1, keepdims=True, dtype=jnp.int32)
+
+  def break_ties(_):
+    return above | (at & (jnp.cumsum(at, axis=1, dtype=jnp.int32) <= room_B1C))
+
+  # Ties at the threshold are rare for real activations; skip the cumsum then.
+  ties = jnp.any(jnp.sum(at, axis=1, keepdims=True, dtype=jnp.int32) > room_B1C)
+  return lax.cond(ties, break_ties, lambda _: above | at, None)
+
+
+def top_m_mask(scores_BTF: jax.Array, m_BT: jax.Array) -> jax.Array:
+  """bool [B, T, F]: each row's m largest scores, ties broken by lower index."""
+  return jnp.swapaxes(_top_m_block(jnp.swapaxes(scores_BTF, 1, 2), m_BT), 1, 2)
+
+
+def _descending(x: jax.Array) -> jax.Array:
+  """A sort key for descending order (with -0.0 equal to 0.0)."""
+  return jnp.where(x == 0, jnp.zeros_like(x), -x)
+
+
+def rank_neurons(k: int, *keys_BF: jax.Array) -> jax.Array:
+  """int32 [B, k]: neurons ordered by the keys (descending, lexicographic),
+  then by index."""
+  index = lax.broadcasted_iota(jnp.int32, keys_BF[0].shape, 1)
+  ordered = lax.sort(tuple(_descending(key) for key in keys_BF) + (index,), dimension=-1,
+                     num_keys=len(keys_BF) + 1)
+  return ordered[-1][:, :k]
+
+
+def _token_blocks(x_BT: jax.Array) -> jax.Array:
+  """[B, T, ...] -> [T/C, B, ..., C], zero-padding T up to a multiple of C."""
+  B, T = x_BT.shape[:2]
+  pad = -T % TOKEN_BLOCK
+  x = jnp.pad(x_BT, [(0, 0), (0, pad)] + [(0, 0)] * (x_BT.ndim - 2), constant_values=0)
+  x = x.reshape((B, (T + pad) // TOKEN_BLOCK, TOKEN_BLOCK) + x_BT.shape[2:])
+  return jnp.moveaxis(jnp.moveaxis(x, 2, -1), 1, 0)
+
+
+def token_core_counts(scores_BTF: jax.Array, real_BT: jax.Array, alpha: float) -> jax.Array:
+  """int32 [B, F]: in how many real tokens each neuron is a token-wise core neuron."""
+  real = real_BT.astype(bool)
+  positive_B = jnp.sum(jnp.where(real[..., None], scores_BTF > 0, False), axis=(1, 2),
+                       dtype=jnp.int32)
+  real_tokens_B = jnp.maximum(jnp.sum(real, axis=-1, dtype=jnp.int32), 1)
+  m_B = jnp.floor(jnp.float32(alpha) * positive_B.astype(jnp.float32)
+                  / real_tokens_B.astype(jnp.float32)).astype(jnp.int32)
+  m_BT = jnp.where(real, m_B[:, None], 0)   # pad tokens choose nothing
+
+  def add_block(counts_BF, block):
+    scores_BFC, m_BC = block
+    return counts_BF + jnp.sum(_top_m_block(scores_BFC, m_BC), axis=-1, dtype=jnp.int32), None
+
+  blocks = (_token_blocks(scores_BTF), _token_blocks(m_BT))   # pad columns have m = 0
+  counts_BF = jnp.zeros((scores_BTF.shape[0], scores_BTF.shape[2]), jnp.int32)
+  return lax.scan(add_block, counts_BF, blocks)[0]
+
+
+def token_scores(values: NeuronValues, scoring: str) -> jax.Array:
+  """What the token-wise top-m ranks (`signed`, `magnitude`): the neuron value
+  (before the ReLU for ReLU FFNs), or |h|."""
+  if scoring == "signed":
+    return values.values
+  if scoring == "magnitude":
+    return jnp.abs(values.h)
+  raise ValueError(f"scoring {scoring!r} has no token-wise core neurons")
+
+
+def core_statistics(values: NeuronValues, real_BT: jax.Array, *, scoring: str,
+                    alpha: float) -> Tuple[jax.Array, jax.Array]:
+  """Per-neuron ranking keys (primary [B, F], secondary [B, F]): the core
+  neurons are the k first by (primary, secondary) descending, then by index.
+  Signed and magnitude: (token-wise core count, score summed over real tokens);
+  GRIFFIN: (sum over tokens of each token's L2-normalised h squared, 0). Both
+  keys are sums over tokens, so summing them over several sentences ranks the
+  neurons of all their tokens together (a cluster's core set)."""
+  real = real_BT[..., None]
+  if scoring == "griffin":
+    h = values.h.astype(jnp.float32)
+    norms_BT1 = jnp.sqrt(jnp.sum(h * h, axis=-1, keepdims=True))
+    normalised = jnp.where(real, h / jnp.maximum(norms_BT1, 1e-30), 0.0)
+    squares_BF = jnp.sum(normalised * normalised, axis=1)
+    return squares_BF, jnp.zeros_like(squares_BF)
+  scores = token_scores(values, scoring)
+  summed_BF = jnp.sum(jnp.where(real, scores.astype(jnp.float32), 0.0), axis=1)
+  return token_core_counts(scores, real_BT, alpha), summed_BF
+
+
+def select_core(values: NeuronValues, real_BT: jax.Array, *, k: int, scoring: str,
+                alpha: float) -> jax.Array:
+  """One layer's core neurons `int32 [B, k]` from its neuron values."""
+  return rank_neurons(k, *core_statistics(values, real_BT, scoring=scoring, alpha=alpha))

@@ -1,0 +1,103 @@
+"""FFN stores: where the decode step's compact FFNs come from after a prefill.
+
+A policy's core sets become decode parameters through a store:
+- `DenseStore`: the parameters as they are (dense decoding);
+- `GatherStore`: each prompt's rows gathered by one compiled gather
+  (`[B, k, D]`), written into the previous sentence's buffers when they are
+  handed back (`recycle`): reusing them skips allocating and first-touching
+  the ~β of the FFN weights that every gather writes;
+- `ClusterStore`: one compact FFN per cluster, gathered on first use (or by
+  `preload`) and kept: a prompt whose cluster was used before costs no gather.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from coreinfer_jax.core import gather
+from coreinfer_jax.model.params import ModelParams
+
+
+def _same_shapes(a, b) -> bool:
+  shapes = lambda t: (jax.tree_util.tree_structure(t),   # noqa: E731
+                      [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(t)])
+  return shapes(a) == shapes(b)
+
+
+class DenseStore:
+  def decode_params(self, params: ModelParams, core: gather.CoreSets,
+                    aux: Mapping[str, jax.Array]) -> ModelParams:
+    return params
+
+  def recycle(self, decode_params: ModelParams) -> None:
+    pass
+
+  def preload(self, params: ModelParams) -> None:
+    pass
+
+
+class GatherStore(DenseStore):
+  """Per-prompt gathers, into recycled buffers when a finished sentence's
+  compact FFNs were handed back."""
+
+  def __init__(self, compiled, layer_k: Sequence[Optional[int]]):
+    self._compiled = compiled      # a runtime.compile.CompiledFunctions
+    self._layer_k = tuple(layer_k)
+    self._recycled: Optional[gather.CompactFFNs] = None
+
+  def decode_params(self, params: ModelParams, core: gather.CoreSets,
+                    aux: Mapping[str, jax.Array]) -> ModelParams:
+    shapes = jax.eval_shape(gather.gather_core, params, core)
+    recycled, self._recycled = self._recycled, None
+    if recycled is None or not _same_shapes(recycled, shapes):
+      recycled = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    compact = self._compiled("gather", gather.gather_core_into, params, core, recycled,
+                             donate_argnums=(2,))
+    return params.with_ffns(compact)
+
+  def recycle(self, decode_params: ModelParams) -> None:
+    """Keeps a finished sentence's compact FFNs for the next gather to write
+    into; the decode parameters must not be used again."""
+    self._recycled = tuple(layer.ffn if k is not None else None
+                           for layer, k in zip(decode_params.layers, self._layer_k))
+
+
+class ClusterStore(DenseStore):
+  """Each cluster's compact FFNs (`[1, k, D]` per layer), gathered once and
+  kept: memory grows by β of the sparsified FFN weights per cluster used."""
+
+  def __init__(self, compiled, layer_sets: Tuple[Optional[np.ndarray], ...]):
+    self._compiled = compiled
+    self._layer_sets = layer_sets    # per model layer int32 [C, k] or None
+    self._ffns: Dict[int, gather.CompactFFNs] = {}
+
+  def ffns(self, params: ModelParams, cluster: int) -> gather.CompactFFNs:
+    if cluster not in self._ffns:
+      core = tuple(None if s is None else jnp.asarray(s[cluster:cluster + 1])
+                   for s in self._layer_sets)
+      self._ffns[cluster] = self._compiled("gather_cluster", gather.gather_core, params, core)
+    return self._ffns[cluster]
+
+  def preload(self, params: ModelParams) -> None:
+    num_clusters = next(s for s in self._layer_sets if s is not None).shape[0]
+    for cluster in range(num_clusters):
+      jax.block_until_ready(self.ffns(params, cluster))
+
+  @property
+  def gathered(self) -> Tuple[int, ...]:
+    return tuple(sorted(self._ffns))
+
+  def decode_params(self, params: ModelParams, core: gather.CoreSets,
+                    aux: Mapping[str, jax.Array]) -> ModelParams:
+    """`params` with each sequence's cluster FFNs swapped in: batch 1 uses the
+    kept arrays as they are; a larger batch stacks them into `[B, k, D]` (a copy)."""
+    per_sequence = [self.ffns(params, c) for c in np.asarray(aux["cluster_ids"]).tolist()]
+    if len(per_sequence) == 1:
+      compact = per_sequence[0]
+    else:
+      compact = jax.tree_util.tree_map(lambda *rows: jnp.concatenate(rows), *per_sequence)
+    return params.with_ffns(compact)

@@ -1,0 +1,232 @@
+"""Text generation: bucketed selecting prefill, a compiled-once decode step, stopping.
+
+The decode step (which attends over the whole fixed-length cache) compiles
+once per (batch, cache length) and parameter shapes. With a sparse policy
+(`core.policy`), the compiled prefill also returns each sparsified layer's
+core set, the policy's store (`core.store`) turns those into compact FFNs,
+and the same decode step runs on them, compiled once per (batch, k, cache
+length) whatever the prompt or its core set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from coreinfer_jax.core import cost
+from coreinfer_jax.core.gather import CoreSets
+from coreinfer_jax.core.policy import CorePolicy, Dense
+from coreinfer_jax.core.taps import merge_requests, ranking_tap
+from coreinfer_jax.model.cache import KVCache
+from coreinfer_jax.model.config import ModelConfig
+from coreinfer_jax.model.forward import forward
+from coreinfer_jax.model.params import ModelParams
+from coreinfer_jax.runtime import prompts
+from coreinfer_jax.runtime.batching import DEFAULT_BUCKETS, left_pad, pick_bucket
+from coreinfer_jax.runtime.compile import CompiledFunctions
+from coreinfer_jax.runtime.prefill import prefill
+from coreinfer_jax.runtime.sampling import SamplingConfig, sample
+from coreinfer_jax.runtime.stopping import GenerationResult, StopTracker, eos_ids
+
+
+@dataclasses.dataclass
+class GenerationStats:
+  prefill_seconds: float = 0.0   # dense prefill + core selection + gather
+  gather_seconds: float = 0.0
+  # Core selection runs inside the prefill; with `Generator.time_selection` it
+  # is measured as this prefill minus a dense prefill of the same input.
+  select_seconds: Optional[float] = None
+  ffn_bytes_fraction: float = 1.0   # FFN weight bytes per decode token, sparse over dense
+  decode_weight_bytes: float = 0.0  # all weight bytes one sequence's decode token reads
+  decode_seconds: float = 0.0
+  decode_steps: int = 0     # decode-step calls (each yields one token per sequence)
+  cluster_ids: Optional[List[int]] = None   # similarity-guided: each sequence's cluster
+
+  @property
+  def decode_tokens_per_second(self) -> float:
+    return self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
+
+
+def prefill_fn(config: ModelConfig, cache_len: int, sampling: SamplingConfig, policy: CorePolicy):
+  """(params, tokens [B, T], start [B], key, policy arrays) -> (first new
+  token [B], cache, per layer core set int32 [B, k] or None, the policy's
+  extra outputs). Dense, with the policy's selection inside the same pass."""
+  requests = merge_requests(config.num_layers, policy.requests(config.num_layers))
+  tap = ranking_tap(requests) if any(requests) else None
+
+  def run(params: ModelParams, tokens_BT, start_B, key, arrays):
+    logits_BV, cache, rankings = prefill(params, config, tokens_BT, start_B, tap, cache_len)
+    core, aux = policy.core_sets(rankings, arrays)
+    first = sample(logits_BV, jax.random.fold_in(key, cache.length), sampling)
+    return first, cache, core, aux
+  return run
+
+
+def decode_fn(config: ModelConfig, sampling: SamplingConfig):
+  """(params, cache, tokens [B], key) -> (next token [B], cache)."""
+  def decode_step(params: ModelParams, cache: KVCache, tokens_B, key):
+    logits, cache = forward(params, config, cache, tokens_B[:, None])
+    return sample(logits[:, 0], jax.random.fold_in(key, cache.length), sampling), cache
+  return decode_step
+
+
+@dataclasses.dataclass
+class Prefilled:
+  """What a prefill hands to decoding."""
+  tokens_B: jax.Array            # the first new token of each sequence
+  cache: KVCache
+  decode_params: ModelParams     # the parameters, with compact FFNs when sparse
+  core: CoreSets                 # per layer int32 [B, k], or None (dense layer)
+  aux: Dict[str, jax.Array]      # the policy's extra outputs (e.g. "cluster_ids" [B])
+
+  @property
+  def cluster_ids(self) -> Optional[np.ndarray]:
+    return None if "cluster_ids" not in self.aux else np.asarray(self.aux["cluster_ids"])
+
+
+class Generator:
+  """Generates from a fixed set of parameters with one compiled step per shape,
+  decoding as `policy` says (default dense); `preload` prepares every
+  compact FFN the policy's store can keep (similarity: every cluster's)."""
+
+  def __init__(self, config: ModelConfig, params: ModelParams, tokenizer=None, *,
+               cache_len: int = 1024, buckets: Sequence[int] = DEFAULT_BUCKETS,
+               sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+               policy: CorePolicy = Dense(), preload: bool = False, time_selection: bool = False):
+    window = config.smallest_window
+    if window and cache_len > window:
+      raise ValueError(f"cache_len {cache_len} exceeds the model's sliding window "
+                       f"{window}, which is not implemented")
+    if policy.spec is not None and len(policy.spec.layer_k) != config.num_layers:
+      raise ValueError(f"core spec for {len(policy.spec.layer_k)} layers, model has "
+                       f"{config.num_layers}")
+    self.config = config
+    self.params = params
+    self.tokenizer = tokenizer
+    self.cache_len = cache_len
+    self.buckets = tuple(sorted(buckets))
+    self.sampling = sampling
+    self.policy = policy
+    self.time_selection = time_selection and policy.spec is not None
+    self.key = jax.random.key(seed)
+    self.compiled = CompiledFunctions()
+    self.store = policy.store(self.compiled)
+    self._arrays = policy.arrays()
+    if preload:
+      self.store.preload(params)
+    self._prefill = prefill_fn(config, cache_len, sampling, policy)
+    self._dense_prefill = prefill_fn(config, cache_len, sampling, Dense())
+    self._decode = decode_fn(config, sampling)
+    self.eos_ids = eos_ids(config, tokenizer)
+
+  def encode(self, prompt: str, chat: bool = False) -> List[int]:
+    return prompts.encode(self.tokenizer, prompt, chat)
+
+  def bucket(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> int:
+    return pick_bucket(max(len(p) for p in prompt_ids), max_new_tokens, self.cache_len, self.buckets)
+
+  def pad(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> Tuple[jax.Array, jax.Array]:
+    tokens, start = left_pad(prompt_ids, self.bucket(prompt_ids, max_new_tokens))
+    return jnp.asarray(tokens), jnp.asarray(start)
+
+  def prefill_padded(self, params: ModelParams, tokens_BT: jax.Array, start_B: jax.Array):
+    """(first tokens [B], cache, core sets, extra outputs): the compiled prefill."""
+    return self.compiled("prefill", self._prefill, params, tokens_BT, start_B, self.key,
+                         self._arrays)
+
+  def dense_prefill_padded(self, params: ModelParams, tokens_BT: jax.Array, start_B: jax.Array):
+    """The same prefill without selection (to measure what selection costs)."""
+    return self.compiled("dense_prefill", self._dense_prefill, params, tokens_BT, start_B,
+                         self.key, ())
+
+  def prefill(self, params: ModelParams, prompt_ids: Sequence[Sequence[int]],
+              max_new_tokens: int) -> Prefilled:
+    """Pads, runs the compiled prefill and, when sparse, the store's gather."""
+    return self._prefilled(params, *self.prefill_padded(params, *self.pad(prompt_ids, max_new_tokens)))
+
+  def _prefilled(self, params: ModelParams, tokens, cache, core, aux) -> Prefilled:
+    return Prefilled(tokens, cache, self.store.decode_params(params, core, aux), core, aux)
+
+  def recycle(self, state: Prefilled) -> None:
+    """Hands back a sentence's compact FFNs once its decoding is over: the
+    next prefill's gather writes into them. `state` must not be used again."""
+    self.store.recycle(state.decode_params)
+
+  def decode(self, params: ModelParams, cache: KVCache, tokens_B: jax.Array):
+    return self.compiled("decode", self._decode, params, cache, tokens_B, self.key,
+                         donate_argnums=(1,))
+
+  def compile_for(self, params: ModelParams, batch: int, bucket: int) -> None:
+    """Compiles prefill, gather and decode for these shapes, and runs each once
+    on dummy input: an executable's first run pays one-time costs (~1 s on
+    XLA:CPU) that belong to compilation, not to the prefill or decode timed."""
+    tokens = jnp.zeros((batch, bucket), jnp.int32)
+    start = jnp.zeros((batch,), jnp.int32)
+    if self.compiled.has("prefill", params, tokens, start, self.key, self._arrays):
+      return
+    t0 = time.perf_counter()
+    compile_before = sum(self.compiled.compile_seconds.values())
+    state = self._prefilled(params, *self.prefill_padded(params, tokens, start))
+    jax.block_until_ready(self.decode(state.decode_params, state.cache, state.tokens_B))
+    self.recycle(state)   # the first real prompt gathers into these buffers
+    if self.time_selection:
+      jax.block_until_ready(self.dense_prefill_padded(params, tokens, start))
+    compiled = sum(self.compiled.compile_seconds.values()) - compile_before
+    self.compiled.warm_up_seconds += time.perf_counter() - t0 - compiled
+
+  def timed_prefill(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
+                    stats: GenerationStats) -> Prefilled:
+    """The prefill and gather, timed into `stats` (compile first: `compile_for`)."""
+    tokens_BT, start_B = self.pad(prompt_ids, max_new_tokens)
+    t0 = time.perf_counter()
+    tokens, cache, core, aux = jax.block_until_ready(
+        self.prefill_padded(self.params, tokens_BT, start_B))
+    selecting_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    decode_params = jax.block_until_ready(self.store.decode_params(self.params, core, aux))
+    stats.gather_seconds = time.perf_counter() - t0
+    stats.prefill_seconds = selecting_seconds + stats.gather_seconds
+    stats.ffn_bytes_fraction = cost.ffn_bytes_fraction(self.params, decode_params)
+    stats.decode_weight_bytes = cost.decode_weight_bytes_per_sequence(self.params, decode_params)
+    if self.time_selection:
+      t0 = time.perf_counter()
+      jax.block_until_ready(self.dense_prefill_padded(self.params, tokens_BT, start_B))
+      stats.select_seconds = selecting_seconds - (time.perf_counter() - t0)
+    state = Prefilled(tokens, cache, decode_params, core, aux)
+    stats.cluster_ids = None if state.cluster_ids is None else state.cluster_ids.tolist()
+    return state
+
+  def generate_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
+                   stop_strings: Sequence[str] = (),
+                   on_text: Optional[Callable[[int, str], None]] = None,
+                   ) -> Tuple[List[GenerationResult], GenerationStats]:
+    stats = GenerationStats()
+    tracker = StopTracker(len(prompt_ids), self.eos_ids, stop_strings, self.tokenizer, on_text)
+    self.compile_for(self.params, len(prompt_ids), self.bucket(prompt_ids, max_new_tokens))
+    state = self.timed_prefill(prompt_ids, max_new_tokens, stats)
+    tokens, cache = state.tokens_B, state.cache
+
+    t0 = time.perf_counter()
+    for _ in range(max_new_tokens - 1):
+      # Dispatch step n+1 before reading token n on the host, so the host's
+      # bookkeeping overlaps the device's work.
+      next_tokens, cache = self.decode(state.decode_params, cache, tokens)
+      stats.decode_steps += 1
+      if tracker.add(np.asarray(tokens)):
+        break
+      tokens = next_tokens
+    else:
+      tracker.add(np.asarray(tokens))
+    jax.block_until_ready(cache)
+    stats.decode_seconds = time.perf_counter() - t0
+    self.recycle(state)
+    return tracker.results([len(p) for p in prompt_ids]), stats
+
+  def generate(self, prompts_text: Sequence[str], max_new_tokens: int, chat: bool = False,
+               **kwargs: Any):
+    return self.generate_ids([self.encode(p, chat) for p in prompts_text], max_new_tokens, **kwargs)
