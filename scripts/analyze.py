@@ -122,6 +122,8 @@ def _held_out(m, cluster_dir):
 def main(argv):
   del argv
   t0 = time.perf_counter()
+  if not FLAGS.analysis:
+    raise ValueError(f"--analysis is required ({', '.join(ANALYSES)})")
   if not FLAGS.out_dir:
     raise ValueError("--out_dir is required")
   s = app.settings(["dtype"] + list(methods.SPEC_SETTINGS))
@@ -153,5 +155,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("analysis")
   app.run(main)

@@ -49,7 +49,7 @@ def apply_named_config() -> None:
       continue
     if isinstance(value, list):
       value = ",".join(str(v) for v in value)
-    FLAGS[name].value = FLAGS[name].parser.parse(value)
+    FLAGS[name].value = None if value is None else FLAGS[name].parser.parse(value)
 
 
 def settings(names) -> Dict[str, Any]:

@@ -46,9 +46,11 @@ class CorePolicy(abc.ABC):
     return ()
 
   @abc.abstractmethod
-  def core_sets(self, rankings: Rankings, arrays: Any) -> Tuple[CoreSets, Dict[str, jax.Array]]:
+  def core_sets(self, rankings: Rankings, arrays: Any,
+                batch: int) -> Tuple[CoreSets, Dict[str, jax.Array]]:
     """(per layer int32 [B, k] or None, extra per-sequence outputs such as
-    "cluster_ids" int32 [B]); traced inside the compiled prefill."""
+    "cluster_ids" int32 [B]) for a batch of B = `batch` prompts; traced
+    inside the compiled prefill."""
 
   def store(self, compiled) -> store.DenseStore:
     """Where decoding's FFNs come from (`compiled`: a CompiledFunctions)."""
@@ -67,7 +69,7 @@ class Dense(CorePolicy):
   def __init__(self, name: str = "dense"):
     super().__init__(name, "dense", "dense", None)
 
-  def core_sets(self, rankings: Rankings, arrays: Any):
+  def core_sets(self, rankings: Rankings, arrays: Any, batch: int):
     return (None,) * len(rankings), {}
 
 
@@ -82,7 +84,7 @@ class Stability(CorePolicy):
     return tuple(None if k is None else RankRequest(self.spec.scoring, self.spec.alpha, k)
                  for k in self.spec.layer_k)
 
-  def core_sets(self, rankings: Rankings, arrays: Any):
+  def core_sets(self, rankings: Rankings, arrays: Any, batch: int):
     requests = self.requests(len(rankings))
     return tuple(take_core(rankings, i, r) for i, r in enumerate(requests)), {}
 
@@ -103,7 +105,7 @@ class Similarity(CorePolicy):
     return (jnp.asarray(self.art.centroids_CF),
             tuple(None if s is None else jnp.asarray(s) for s in self.art.layer_sets))
 
-  def core_sets(self, rankings: Rankings, arrays: Any):
+  def core_sets(self, rankings: Rankings, arrays: Any, batch: int):
     centroids_CF, sets = arrays
     layer = self.art.cluster_layer
     ids_B = clusters.nearest_cluster(centroids_CF, take_core(rankings, layer,

@@ -58,7 +58,7 @@ def select_fn(config: ModelConfig, cache_len: int, policies: Sequence[CorePolicy
     keep = [[] for _ in range(L)]
     cluster_ids = []
     for policy, policy_arrays in zip(policies, arrays):
-      core, aux = policy.core_sets(rankings, policy_arrays)
+      core, aux = policy.core_sets(rankings, policy_arrays, 1)
       for layer, core_BK in enumerate(core):
         keep[layer].append(jnp.ones((F,), jnp.float32) if core_BK is None
                            else jnp.zeros((F,), jnp.float32).at[core_BK[0]].set(1.0))

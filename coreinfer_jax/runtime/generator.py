@@ -61,7 +61,7 @@ def prefill_fn(config: ModelConfig, cache_len: int, sampling: SamplingConfig, po
 
   def run(params: ModelParams, tokens_BT, start_B, key, arrays):
     logits_BV, cache, rankings = prefill(params, config, tokens_BT, start_B, tap, cache_len)
-    core, aux = policy.core_sets(rankings, arrays)
+    core, aux = policy.core_sets(rankings, arrays, tokens_BT.shape[0])
     first = sample(logits_BV, jax.random.fold_in(key, cache.length), sampling)
     return first, cache, core, aux
   return run

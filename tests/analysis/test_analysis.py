@@ -15,7 +15,7 @@ from coreinfer_jax.core.spec import core_spec
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.core.policy import Stability
 from tests.conftest import REPO, random_prompts
-from tests.test_clusters import WORDS
+from tests.offline.test_clusters import WORDS
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +33,9 @@ def test_stability_overlap_is_the_first_tokens_top_m_in_the_sentence_set(tiny):
   result = analysis_stability.stability(tiny.params, tiny.config, [prompt], spec, num_steps=3)
   # Reference: the first decode token's FFN values, its top m by signed value.
   gen = Generator(tiny.config, tiny.params, cache_len=15, buckets=(11,), policy=Stability(spec))
-  first, cache, core = gen.prefill_padded(tiny.params, *gen.pad([prompt], 4))
+  first, cache, core, _ = gen.prefill_padded(tiny.params, *gen.pad([prompt], 4))
   _, _, values = model.forward_tapped(tiny.params, tiny.config, cache, first[:, None],
-                                         lambda layer, v, real: v)
+                                      lambda layer, v, real: v.values)
   for layer, values_BTF in enumerate(values):
     v = np.asarray(values_BTF)[0, 0]
     m = int(np.floor(np.float32(spec.alpha) * np.float32((v > 0).sum())))

@@ -142,7 +142,7 @@ def test_artefacts_round_trip_and_an_interrupted_save_keeps_the_previous(tiny, t
   assert loaded.spec == spec and loaded.manifest["format"] == artefacts.FORMAT
 
   second = _artefacts(tiny, spec, [s[:2] for s in sets], rng.random((2, 96)), 1, spec.layer_k[1])
-  monkeypatch.setattr(artefacts, "_write_json", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+  monkeypatch.setattr(artefacts.files, "write_json", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
   with pytest.raises(KeyboardInterrupt):
     artefacts.save(out, second)
   monkeypatch.undo()
@@ -170,8 +170,10 @@ def test_single_cluster_holding_the_prompts_sets_equals_stability_decoding(tiny)
   step = a.tokens_B[:, None]
   chex.assert_trees_all_equal(model.forward(b.decode_params, tiny.config, b.cache, step)[0],
                               model.forward(a.decode_params, tiny.config, a.cache, step)[0])
-  # The prefill selected at the clustering layer only.
-  assert [c is not None for c in b.core] == [i == cluster_layer for i in range(3)]
+  # The prefill ranks the clustering layer only; decoding uses the cluster's sets.
+  assert [r is not None for r in similar.policy.requests(3)] == [i == cluster_layer for i in range(3)]
+  for c, s in zip(b.core, art.layer_sets):
+    np.testing.assert_array_equal(np.asarray(c), s[:1])
 
 
 def test_similarity_batches_pick_each_prompts_cluster(tiny):
@@ -189,7 +191,7 @@ def test_similarity_batches_pick_each_prompts_cluster(tiny):
     alone, _ = gen.generate_ids([ids], 6)
     stability, _ = Generator(tiny.config, tiny.params, cache_len=64, policy=Stability(spec)).generate_ids([ids], 6)
     assert alone[0].token_ids == stability[0].token_ids
-  assert gen.clusters.gathered == (0, 1, 2)
+  assert gen.store.gathered == (0, 1, 2)
   assert gen.compiled.compiles["gather_cluster"] == 1
 
 

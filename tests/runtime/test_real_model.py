@@ -12,11 +12,11 @@ import pytest
 from coreinfer_jax.checkpoint import load as loading
 from coreinfer_jax.checkpoint import params_from_hf_tensors
 from coreinfer_jax.runtime.generator import Generator
+from tests.conftest import REPO
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.slow
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,",
            "def fibonacci(n):"]
 
