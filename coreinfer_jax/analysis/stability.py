@@ -74,7 +74,8 @@ def stability(params: ModelParams, config: ModelConfig, prompt_ids: Sequence[Seq
   def prefill_and_select(params, tokens_BT, start_B):
     logits_BV, cache, rankings = prefill(params, config, tokens_BT, start_B, tap,
                                          cache_len=bucket + num_steps + 1)
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), cache, policy.core_sets(rankings, (), len(prompt_ids))[0]
+    core, _ = policy.core_sets(rankings, (), len(prompt_ids))
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), cache, core
 
   tokens, cache, core = prefill_and_select(params, jnp.asarray(tokens_BT), jnp.asarray(start_B))
   B = len(prompt_ids)

@@ -12,7 +12,7 @@ architectures also has `hf_config_from_gguf`, `hf_name_from_gguf` and
 from __future__ import annotations
 
 import types
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from coreinfer_jax.checkpoint import llama, opt
 from coreinfer_jax.checkpoint.errors import UnsupportedConfigError
@@ -44,22 +44,22 @@ NEUTRAL_FIELDS = frozenset("""
 _KNOWN_FIELDS = NEUTRAL_FIELDS.union(*(m.KNOWN_FIELDS for m in _MODULES))
 
 
+def _lookup(table: Mapping[Any, types.ModuleType], key: Any, what: str,
+            supported: Sequence[str]) -> types.ModuleType:
+  if key not in table:
+    raise UnsupportedConfigError(f"{what} {key!r} is not supported "
+                                 f"(supported: {', '.join(supported)})")
+  return table[key]
+
+
 def architecture(model_type: Any) -> types.ModuleType:
   """The module that converts checkpoints of `model_type`."""
-  if model_type not in _BY_MODEL_TYPE:
-    raise UnsupportedConfigError(
-        f"config field 'model_type' = {model_type!r} is not supported "
-        f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-  return _BY_MODEL_TYPE[model_type]
+  return _lookup(_BY_MODEL_TYPE, model_type, "config field 'model_type' =", SUPPORTED_MODEL_TYPES)
 
 
 def gguf_architecture(arch: Any) -> types.ModuleType:
   """The module that reads GGUF files of `general.architecture` = `arch`."""
-  if arch not in _BY_GGUF_ARCHITECTURE:
-    raise UnsupportedConfigError(
-        f"GGUF architecture {arch!r} is not supported "
-        f"(supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)})")
-  return _BY_GGUF_ARCHITECTURE[arch]
+  return _lookup(_BY_GGUF_ARCHITECTURE, arch, "GGUF architecture", SUPPORTED_GGUF_ARCHITECTURES)
 
 
 def config_from_hf(cfg: Mapping[str, Any]) -> ModelConfig:

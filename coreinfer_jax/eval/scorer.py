@@ -16,9 +16,10 @@ the dense model. Here, as in decoding:
 The host does a constant amount of work per context: one compiled call runs
 the prefill, every policy's `core_sets` and the keep masks `[M, F]` per layer;
 one compiled call scores every (policy, continuation) row; the host sums
-each row's log-probabilities in a few vectorised numpy operations. Greedy generation for evaluation works the same way:
-every policy decodes as one row of a batch (a `lax.scan` over a fixed number
-of steps); stop strings and EOS are applied on the host afterwards.
+each row's log-probabilities in a few vectorised numpy operations. Greedy
+generation for evaluation works the same way: every policy decodes as one row
+of a batch (a `lax.scan` over a fixed number of steps); stop strings and EOS
+are applied on the host afterwards.
 """
 
 from __future__ import annotations

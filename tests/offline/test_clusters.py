@@ -189,7 +189,8 @@ def test_similarity_batches_pick_each_prompts_cluster(tiny):
   np.testing.assert_array_equal(batch.cluster_ids, [2, 1, 0])
   for n, ids in enumerate(prompts):
     alone, _ = gen.generate_ids([ids], 6)
-    stability, _ = Generator(tiny.config, tiny.params, cache_len=64, policy=Stability(spec)).generate_ids([ids], 6)
+    stability, _ = Generator(tiny.config, tiny.params, cache_len=64,
+                             policy=Stability(spec)).generate_ids([ids], 6)
     assert alone[0].token_ids == stability[0].token_ids
   assert gen.store.gathered == (0, 1, 2)
   assert gen.compiled.compiles["gather_cluster"] == 1
