@@ -59,7 +59,7 @@ def main(argv):
   config = models.model_config(FLAGS.model)
   policy = methods.policy_for(s["method"], s, config, cluster_dir=s["cluster_dir"],
                               fingerprint=models.model_fingerprint(FLAGS.model))
-  core, similarity = policy.spec, s["method"] == "similarity"
+  core = policy.spec
   m, load_seconds = models.load(FLAGS.model, models.resolve_dtype(s["dtype"]))
   print(f"[loaded {m.path} in {load_seconds:.1f}s]", file=sys.stderr)
   if core:
@@ -81,7 +81,7 @@ def main(argv):
     print(f"[prompt {result.prompt_tokens} tokens, prefill {stats.prefill_seconds * 1e3:.1f} ms"
           + ("" if select_gather is None else f" (select + gather {select_gather * 1e3:.1f} ms)")
           + ("" if core is None else f" (gather {stats.gather_seconds * 1e3:.1f} ms)")
-          + ("" if not similarity else f" (cluster {stats.cluster_ids[0]})") + ", "
+          + ("" if stats.cluster_ids is None else f" (cluster {stats.cluster_ids[0]})") + ", "
           f"{len(result.token_ids)} new tokens, decode {stats.decode_tokens_per_second:.1f} tokens/s, "
           f"stop: {result.finish_reason}]", file=sys.stderr)
     records.append({
@@ -95,7 +95,7 @@ def main(argv):
         "ffn_bytes_fraction": stats.ffn_bytes_fraction,
         "decode_tokens_per_second": stats.decode_tokens_per_second,
         "decode_compiles": gen.compiled.compiles["decode"],
-        "cluster_id": stats.cluster_ids[0] if similarity else None,
+        "cluster_id": None if stats.cluster_ids is None else stats.cluster_ids[0],
     })
   compile_seconds = dict(gen.compiled.compile_seconds)
   print(f"[compiles {dict(gen.compiled.compiles)}, compile seconds "

@@ -37,6 +37,7 @@ CASES = {
                    "--analysis=clusters needs --cluster_dir"),
     "merge_results.py": ({"inputs": ["/no/such/run.json"], "json_out": "merged.json"},
                          "/no/such/run.json"),
+    "benchmark_scorer.py": ({"task": "no_such_task"}, "unknown task 'no_such_task'"),
 }
 
 
