@@ -23,6 +23,9 @@ TINY_CONFIGS = {
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
                          "rope_theta": 500000.0})),
     "qwen2_bias": ("Qwen2Config", "Qwen2ForCausalLM", dict(max_position_embeddings=256)),
+    # q/k RMSNorm per head, and a head_dim that is not hidden / heads.
+    "qwen3_qk_norm": ("Qwen3Config", "Qwen3ForCausalLM", dict(max_position_embeddings=256,
+                                                              head_dim=24)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
     "opt_pre_ln": ("OPTConfig", "OPTForCausalLM", dict(ffn_dim=96, max_position_embeddings=256)),
     "opt_post_ln_proj": ("OPTConfig", "OPTForCausalLM", dict(

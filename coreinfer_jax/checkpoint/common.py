@@ -41,7 +41,8 @@ def eos_ids(value: Any) -> Tuple[int, ...]:
 
 
 def attention_params(take: Take, c: ModelConfig, prefix: str, o_name: str) -> AttentionParams:
-  """`{prefix}.{q,k,v}_proj` and `{prefix}.{o_name}`, weights and the config's biases."""
+  """`{prefix}.{q,k,v}_proj` and `{prefix}.{o_name}`, weights and the config's
+  biases; `{prefix}.{q,k}_norm` with `qk_norm`."""
   D, q_dim, kv_dim = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
   return AttentionParams(
       q_weight=take(f"{prefix}.q_proj.weight", (q_dim, D)),
@@ -52,4 +53,6 @@ def attention_params(take: Take, c: ModelConfig, prefix: str, o_name: str) -> At
       k_bias=take.maybe(f"{prefix}.k_proj.bias", (kv_dim,), c.qkv_bias),
       v_bias=take.maybe(f"{prefix}.v_proj.bias", (kv_dim,), c.qkv_bias),
       o_bias=take.maybe(f"{prefix}.{o_name}.bias", (D,), c.o_bias),
+      q_norm_K=take.maybe(f"{prefix}.q_norm.weight", (c.head_dim,), c.qk_norm),
+      k_norm_K=take.maybe(f"{prefix}.k_norm.weight", (c.head_dim,), c.qk_norm),
   )

@@ -1,5 +1,6 @@
-"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2): RMSNorm before each
-block, RoPE, grouped-query attention, SwiGLU FFN.
+"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3): RMSNorm before
+each block, RoPE, grouped-query attention, SwiGLU FFN; Qwen3 adds an RMSNorm
+over each head's q and k (`qk_norm`).
 
 Its Hugging Face config -> `ModelConfig`, its Hugging Face tensor names ->
 `ModelParams`, and llama.cpp's GGUF names and layout, which reduce a GGUF
@@ -18,7 +19,7 @@ from coreinfer_jax.model.config import Llama3RopeScaling, ModelConfig
 from coreinfer_jax.model.ffn import FFNParams
 from coreinfer_jax.model.params import LayerParams, ModelParams, NormParams
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # The config fields this module reads or checks.
 KNOWN_FIELDS = frozenset("""
   vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads
@@ -59,9 +60,9 @@ def config_from_hf(cfg: Mapping[str, Any]) -> ModelConfig:
   act = cfg.get("hidden_act", "silu")
   require(cfg, "hidden_act", act == "silu", "the Llama family is implemented with SiLU (SwiGLU)")
   require(cfg, "mlp_bias", not cfg.get("mlp_bias", False), "FFN biases in a Llama-family model")
-  if model_type == "qwen2":
+  if model_type in ("qwen2", "qwen3"):
     require(cfg, "use_sliding_window", not cfg.get("use_sliding_window", False),
-            "Qwen2 sliding-window attention")
+            "Qwen sliding-window attention")
   layer_types = cfg.get("layer_types") or []
   require(cfg, "layer_types", all(t == "full_attention" for t in layer_types),
           "only full attention layers are implemented")
@@ -89,6 +90,7 @@ def config_from_hf(cfg: Mapping[str, Any]) -> ModelConfig:
       final_norm=True,
       ffn_activation="silu_gated",
       positions="rope",
+      qk_norm=model_type == "qwen3",
       # Qwen2 has q/k/v biases but no o bias; Llama's attention_bias covers all four.
       qkv_bias=attention_bias,
       o_bias=attention_bias and model_type != "qwen2",

@@ -3,8 +3,8 @@
 `ModelConfig` is frozen and hashable so that jitted functions can close over
 it (or take it as a static argument) and compile once per configuration.
 Every arithmetic choice of the decoder is a field here (norm kind and
-placement, FFN activation, position encoding, biases, tied embeddings,
-per-layer attention windows), so the model code never asks which family a
+placement, FFN activation, position encoding, q/k norm, biases, tied
+embeddings, per-layer attention windows), so the model code never asks which family a
 checkpoint came from; `checkpoint/` turns each architecture's Hugging Face
 config into these fields.
 """
@@ -47,6 +47,7 @@ class ModelConfig:
   final_norm: bool = True
   ffn_activation: str = "silu_gated"
   positions: str = "rope"
+  qk_norm: bool = False      # RMSNorm over each head's q and k before RoPE (Qwen3)
   qkv_bias: bool = False
   o_bias: bool = False
   ffn_bias: bool = False

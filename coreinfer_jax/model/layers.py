@@ -13,13 +13,19 @@ from coreinfer_jax.model.config import ModelConfig
 from coreinfer_jax.model.params import AttentionParams, NormParams
 
 
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm over the last axis; statistics in f32."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return scale * y.astype(x.dtype)
+
+
 def norm(config: ModelConfig, p: NormParams, x: jax.Array) -> jax.Array:
   """`config.norm`: RMSNorm, or LayerNorm (with bias); statistics in f32."""
-  x32 = x.astype(jnp.float32)
   eps = config.norm_eps
   if config.norm == "rms":
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return p.scale_D * y.astype(x.dtype)
+    return rms_norm(x, p.scale_D, eps)
+  x32 = x.astype(jnp.float32)
   mean = jnp.mean(x32, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
   y = (x32 - mean) * jax.lax.rsqrt(var + eps)
@@ -71,6 +77,9 @@ def attention(p: AttentionParams, config: ModelConfig, x_BTD: jax.Array, positio
   q = linear(x_BTD, p.q_weight, p.q_bias).reshape(B, T, H, hd)
   k = linear(x_BTD, p.k_weight, p.k_bias).reshape(B, T, KVH, hd)
   v = linear(x_BTD, p.v_weight, p.v_bias).reshape(B, T, KVH, hd)
+  if config.qk_norm:
+    q = rms_norm(q, p.q_norm_K, config.norm_eps)
+    k = rms_norm(k, p.k_norm_K, config.norm_eps)
   if config.positions == "rope":
     inv_freq = rope_inv_freq(config)
     q = apply_rope(q, positions_BT, inv_freq)

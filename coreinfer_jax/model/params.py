@@ -40,11 +40,13 @@ class AttentionParams:
   k_bias: Optional[jax.Array] = None
   v_bias: Optional[jax.Array] = None
   o_bias: Optional[jax.Array] = None
+  q_norm_K: Optional[jax.Array] = None   # [hd] RMSNorm scale of each head's q (qk_norm)
+  k_norm_K: Optional[jax.Array] = None   # [hd] the same for k
 
   AXES = {"q_weight": ("heads", "embed"), "k_weight": ("kv_heads", "embed"),
           "v_weight": ("kv_heads", "embed"), "o_weight": ("embed", "heads"),
           "q_bias": ("heads",), "k_bias": ("kv_heads",), "v_bias": ("kv_heads",),
-          "o_bias": ("embed",)}
+          "o_bias": ("embed",), "q_norm_K": ("head_dim",), "k_norm_K": ("head_dim",)}
 
 
 @struct.dataclass
