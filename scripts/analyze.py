@@ -31,6 +31,7 @@ from coreinfer_jax.cli import flags as cli_flags
 from coreinfer_jax.core import artefacts, methods
 from coreinfer_jax.eval import datasets
 from coreinfer_jax.offline import clustering
+from coreinfer_jax.runtime.batching import resolve_dtype
 
 ANALYSES = ("stability", "similarity", "clusters")
 
@@ -133,7 +134,7 @@ def main(argv):
     spec = methods.spec_for(s, config)
   elif not FLAGS.cluster_dir:
     raise ValueError("--analysis=clusters needs --cluster_dir")
-  m, _ = models.load(FLAGS.model, models.resolve_dtype(s["dtype"]))
+  m, _ = models.load(FLAGS.model, resolve_dtype(s["dtype"]))
   if m.tokenizer is None:
     raise ValueError(f"{m.path} has no tokenizer")
   if FLAGS.analysis == "stability":

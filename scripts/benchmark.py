@@ -30,6 +30,7 @@ from coreinfer_jax.core import methods
 from coreinfer_jax.core.cost import decode_weight_bytes
 from coreinfer_jax.core.spec import parse_beta
 from coreinfer_jax.runtime.generator import Generator
+from coreinfer_jax.runtime.batching import resolve_dtype
 
 cli_flags.define_model_flags()
 cli_flags.define_core_flags()
@@ -73,7 +74,7 @@ def main(argv):
     raise ValueError("--decode_steps, --rounds and --prompt_len must be at least 1")
   variants = _variants(s, models.model_config(FLAGS.model, s["shape"], FLAGS.configs_dir, FLAGS.num_layers),
                        models.model_fingerprint(FLAGS.model, s["shape"]))
-  dtype = models.resolve_dtype(s["dtype"])
+  dtype = resolve_dtype(s["dtype"])
   dtype_name = np.dtype(dtype).name
   m, load_seconds = models.load(FLAGS.model, dtype, s["shape"], FLAGS.configs_dir, FLAGS.num_layers)
   if s["shape"]:

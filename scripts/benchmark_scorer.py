@@ -24,6 +24,7 @@ from absl import flags
 from coreinfer_jax.cli import app, models
 from coreinfer_jax.eval import runners, tasks
 from coreinfer_jax.eval.scorer import ContinuationScorer
+from coreinfer_jax.runtime.batching import resolve_dtype
 import evaluate  # scripts/evaluate.py: its method flags and builder
 
 flags.DEFINE_string("task", "arc_easy", "a multiple-choice task")
@@ -40,7 +41,7 @@ def main(argv):
     raise ValueError("--data_dir is required (the shared data folder)")
   config = models.model_config(FLAGS.model)
   policies = evaluate.build_policies(config, models.model_fingerprint(FLAGS.model))
-  m, _ = models.load(FLAGS.model, models.resolve_dtype(FLAGS.dtype))
+  m, _ = models.load(FLAGS.model, resolve_dtype(FLAGS.dtype))
   scorer = ContinuationScorer(m.config, m.params, policies, cache_len=FLAGS.cache_len,
                               buckets=[int(b) for b in FLAGS.buckets],
                               continuation_buckets=[int(b) for b in FLAGS.continuation_buckets])

@@ -45,6 +45,7 @@ from coreinfer_jax.eval import tasks
 from coreinfer_jax.offline import additive as additive_allocation
 from coreinfer_jax.offline import greedy as greedy_allocation
 from coreinfer_jax.offline.joint_loss import LOSSES
+from coreinfer_jax.runtime.batching import resolve_dtype
 
 cli_flags.define_model_flags()
 flags.DEFINE_string("data", None, "calibration text file (e.g. WikiText-2 validation)")
@@ -136,7 +137,7 @@ def main(argv):
   if FLAGS.reuse_sensitivity:
     out = additive(reused(record), config)
   else:
-    m, _ = models.load(FLAGS.model, models.resolve_dtype(FLAGS.dtype))
+    m, _ = models.load(FLAGS.model, resolve_dtype(FLAGS.dtype))
     if FLAGS.allocation == "additive":
       out = additive(additive_allocation.measure_sensitivity(
           m.config, m.params, windows_of(m, FLAGS.data, FLAGS.windows, FLAGS.skip_windows),

@@ -26,6 +26,7 @@ from coreinfer_jax.core import artefacts, methods
 from coreinfer_jax.core.spec import num_core_neurons
 from coreinfer_jax.eval import datasets
 from coreinfer_jax.offline import clustering
+from coreinfer_jax.runtime.batching import resolve_dtype
 
 cli_flags.define_model_flags()
 cli_flags.define_core_flags(with_method=False)
@@ -86,7 +87,7 @@ def main(argv):
   if requested and requested > len(clustered):
     raise ValueError(f"--num_clusters {requested} exceeds the {len(clustered)} texts clustered")
 
-  m, load_seconds = models.load(FLAGS.model, models.resolve_dtype(s["dtype"]))
+  m, load_seconds = models.load(FLAGS.model, resolve_dtype(s["dtype"]))
   if m.tokenizer is None:
     raise ValueError(f"{m.path} has no tokenizer: clustering needs one to read the texts")
   print(f"[loaded {m.path} in {load_seconds:.1f}s; clustering layer {layer}, k {plan.cluster_k}; "

@@ -29,6 +29,7 @@ from coreinfer_jax.core.policy import Dense, Similarity
 from coreinfer_jax.eval import frontier, runners, tasks
 from coreinfer_jax.eval.scorer import CONTINUATION_BUCKETS, ContinuationScorer
 from coreinfer_jax.runtime.batching import DEFAULT_BUCKETS
+from coreinfer_jax.runtime.batching import resolve_dtype
 
 cli_flags.define_model_flags()
 flags.DEFINE_list("tasks", ["wikitext", "piqa"], f"tasks: {', '.join(tasks.TASKS)}")
@@ -121,7 +122,7 @@ def main(argv):
   config = models.model_config(FLAGS.model)
   fingerprint = models.model_fingerprint(FLAGS.model)
   policies = build_policies(config, fingerprint)
-  m, load_seconds = models.load(FLAGS.model, models.resolve_dtype(FLAGS.dtype))
+  m, load_seconds = models.load(FLAGS.model, resolve_dtype(FLAGS.dtype))
   scorer = ContinuationScorer(m.config, m.params, policies, cache_len=FLAGS.cache_len,
                               buckets=[int(b) for b in FLAGS.buckets],
                               continuation_buckets=[int(b) for b in FLAGS.continuation_buckets])

@@ -15,6 +15,7 @@ from coreinfer_jax.cli import flags as cli_flags
 from coreinfer_jax.core import methods
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.runtime.sampling import SamplingConfig
+from coreinfer_jax.runtime.batching import resolve_dtype
 
 cli_flags.define_model_flags()
 cli_flags.define_core_flags()
@@ -60,7 +61,7 @@ def main(argv):
   policy = methods.policy_for(s["method"], s, config, cluster_dir=s["cluster_dir"],
                               fingerprint=models.model_fingerprint(FLAGS.model))
   core = policy.spec
-  m, load_seconds = models.load(FLAGS.model, models.resolve_dtype(s["dtype"]))
+  m, load_seconds = models.load(FLAGS.model, resolve_dtype(s["dtype"]))
   print(f"[loaded {m.path} in {load_seconds:.1f}s]", file=sys.stderr)
   if core:
     print(f"[{s['method']}: {core.summary()}]", file=sys.stderr)

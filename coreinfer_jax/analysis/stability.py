@@ -17,7 +17,6 @@ import numpy as np
 from coreinfer_jax.core import selection
 from coreinfer_jax.core.policy import Stability
 from coreinfer_jax.core.spec import CoreSpec
-from coreinfer_jax.core.taps import merge_requests, ranking_tap
 from coreinfer_jax.model.cache import KVCache
 from coreinfer_jax.model.config import ModelConfig
 from coreinfer_jax.model.ffn import NeuronValues
@@ -25,7 +24,8 @@ from coreinfer_jax.model.forward import forward_tapped
 from coreinfer_jax.model.params import ModelParams
 from coreinfer_jax.offline.clustering import multi_hot
 from coreinfer_jax.runtime.batching import left_pad
-from coreinfer_jax.runtime.prefill import prefill
+from coreinfer_jax.runtime.generator import prefill_fn
+from coreinfer_jax.runtime.sampling import SamplingConfig
 
 
 def _overlap(token_core_BF: jax.Array, reference_BF: jax.Array) -> jax.Array:
@@ -67,17 +67,10 @@ def stability(params: ModelParams, config: ModelConfig, prompt_ids: Sequence[Seq
   F = config.intermediate_size
   bucket = max(len(p) for p in prompt_ids)
   tokens_BT, start_B = left_pad(prompt_ids, bucket)
-  policy = Stability(spec)
-  tap = ranking_tap(merge_requests(config.num_layers, policy.requests(config.num_layers)))
-
-  @jax.jit
-  def prefill_and_select(params, tokens_BT, start_B):
-    logits_BV, cache, rankings = prefill(params, config, tokens_BT, start_B, tap,
-                                         cache_len=bucket + num_steps + 1)
-    core, _ = policy.core_sets(rankings, (), len(prompt_ids))
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), cache, core
-
-  tokens, cache, core = prefill_and_select(params, jnp.asarray(tokens_BT), jnp.asarray(start_B))
+  # The greedy selecting prefill of generation, with every layer's core set.
+  prefill = jax.jit(prefill_fn(config, bucket + num_steps + 1, SamplingConfig(), Stability(spec)))
+  tokens, cache, core, _ = prefill(params, jnp.asarray(tokens_BT), jnp.asarray(start_B),
+                                   jax.random.key(seed), ())
   B = len(prompt_ids)
   sentence = tuple(jnp.asarray(multi_hot(np.asarray(c), F)) for c in core)
   rng = np.random.default_rng(seed)

@@ -6,10 +6,10 @@ from typing import Optional
 
 from absl import flags
 
-from coreinfer_jax.cli.models import DTYPES
 from coreinfer_jax.core.methods import METHODS, SPEC_SETTINGS
 from coreinfer_jax.core.spec import SCORINGS
 from coreinfer_jax.eval import datasets
+from coreinfer_jax.runtime.batching import DTYPES
 
 FLAGS = flags.FLAGS
 CORE_FLAGS = ["method", "cluster_dir"] + list(SPEC_SETTINGS)

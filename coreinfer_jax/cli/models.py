@@ -6,18 +6,9 @@ import os
 import time
 from typing import Any, Dict, Optional
 
-import jax.numpy as jnp
-
 from coreinfer_jax import checkpoint
 from coreinfer_jax.cli.app import load_named_config
 from coreinfer_jax.model.config import ModelConfig
-from coreinfer_jax.runtime.batching import default_dtype
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def resolve_dtype(name: str):
-  return default_dtype() if name == "auto" else DTYPES[name]
 
 
 def model_fingerprint(model: Optional[str], shape: Optional[str] = None, seed: int = 0) -> str:

@@ -16,7 +16,7 @@ else of it, so a new method is a new subclass:
 from __future__ import annotations
 
 import abc
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,8 @@ from coreinfer_jax.core import clusters, store
 from coreinfer_jax.core.artefacts import ClusterArtefacts
 from coreinfer_jax.core.gather import CoreSets
 from coreinfer_jax.core.spec import CoreSpec
-from coreinfer_jax.core.taps import RankRequest, Rankings, take_core
+from coreinfer_jax.core.taps import RankRequest, Rankings, merge_requests, ranking_tap, take_core
+from coreinfer_jax.model.forward import Tap
 
 Requests = Tuple[Optional[RankRequest], ...]   # per model layer
 
@@ -114,3 +115,9 @@ class Similarity(CorePolicy):
 
   def store(self, compiled) -> store.DenseStore:
     return store.ClusterStore(compiled, self.art.layer_sets)
+
+
+def selection_tap(num_layers: int, policies: Sequence[CorePolicy]) -> Optional[Tap]:
+  """The ranking tap serving every policy's requests (None when none ranks)."""
+  requests = merge_requests(num_layers, *(p.requests(num_layers) for p in policies))
+  return ranking_tap(requests) if any(requests) else None

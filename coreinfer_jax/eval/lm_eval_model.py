@@ -36,10 +36,8 @@ from coreinfer_jax.core import methods
 from coreinfer_jax.core.policy import CorePolicy
 from coreinfer_jax.eval.runners import encode_pair
 from coreinfer_jax.eval.scorer import ContinuationScorer
-from coreinfer_jax.runtime.batching import default_dtype
+from coreinfer_jax.runtime.batching import resolve_dtype
 from coreinfer_jax.runtime.generator import Generator
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @register_model("coreinfer_jax")
@@ -51,8 +49,7 @@ class CoreInferLM(LM):
                rolling_window: int = 512, rolling_context: int = 256,
                policy: Optional[CorePolicy] = None, **unused):
     super().__init__()
-    if dtype not in DTYPES:
-      raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    dtype = resolve_dtype(dtype)
     config = checkpoint.load_config(model)
     if policy is None:
       settings = dict(beta=str(beta), alpha=float(alpha), scoring=scoring,
@@ -60,7 +57,7 @@ class CoreInferLM(LM):
       policy = methods.policy_for(
           method, settings, config, cluster_dir=cluster_dir,
           fingerprint=checkpoint.fingerprint(model or checkpoint.default_model_path()))
-    loaded = checkpoint.load_model(model, default_dtype() if dtype == "auto" else dtype)
+    loaded = checkpoint.load_model(model, dtype)
     if loaded.tokenizer is None:
       raise ValueError(f"{loaded.path} has no tokenizer")
     self.tokenizer = loaded.tokenizer

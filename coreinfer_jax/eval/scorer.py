@@ -31,8 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coreinfer_jax.core.policy import CorePolicy, Dense
-from coreinfer_jax.core.taps import merge_requests, ranking_tap
+from coreinfer_jax.core.policy import CorePolicy, Dense, selection_tap
 from coreinfer_jax.model.cache import KVCache
 from coreinfer_jax.model.config import ModelConfig
 from coreinfer_jax.model.ffn import MaskedFFN
@@ -51,8 +50,7 @@ def select_fn(config: ModelConfig, cache_len: int, policies: Sequence[CorePolicy
   """(params, tokens [1, T], start [1], each policy's arrays) -> (last-position
   log-probabilities [V], cache, keep masks, cluster ids int32 [M] (-1: none))."""
   L, F = config.num_layers, config.intermediate_size
-  requests = merge_requests(L, *(p.requests(L) for p in policies))
-  tap = ranking_tap(requests) if any(requests) else None
+  tap = selection_tap(L, policies)
 
   def run(params: ModelParams, tokens_BT, start_B, arrays):
     logits_BV, cache, rankings = prefill(params, config, tokens_BT, start_B, tap, cache_len)
@@ -169,8 +167,8 @@ class ContinuationScorer:
     # The KL reference: the first dense policy, or a dense row added for it.
     self._kl_policies = self.methods + (() if dense else (Dense("reference dense"),))
     self._kl_reference = dense[0] if dense else len(self.methods)
-    self._select = {kl: select_fn(config, cache_len, self._kl_policies if kl else self.methods)
-                    for kl in (False, True)}
+    self._select = {"select": select_fn(config, cache_len, self.methods),
+                    "select_kl": select_fn(config, cache_len, self._kl_policies)}
     self._arrays = tuple(p.arrays() for p in self._kl_policies)
 
   def layout(self, context_len: int, longest: int) -> Tuple[int, int]:
@@ -188,9 +186,11 @@ class ContinuationScorer:
 
   def _prefill(self, context_ids: Sequence[int], bucket: int, with_kl: bool):
     tokens, start = left_pad([context_ids], bucket)
-    arrays = self._arrays if with_kl else self._arrays[:len(self.methods)]
-    return self.compiled("select_kl" if with_kl else "select", self._select[with_kl],
-                         self.params, jnp.asarray(tokens), jnp.asarray(start), arrays)
+    # With a dense policy among the methods, it is the KL reference: no extra row.
+    name = "select_kl" if with_kl and len(self._kl_policies) > len(self.methods) else "select"
+    arrays = self._arrays if name == "select_kl" else self._arrays[:len(self.methods)]
+    return self.compiled(name, self._select[name], self.params, jnp.asarray(tokens),
+                         jnp.asarray(start), arrays)
 
   def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, *, eos_ids: Sequence[int] = (),
                stop_strings: Sequence[str] = (), tokenizer=None) -> Dict[str, GenerationResult]:

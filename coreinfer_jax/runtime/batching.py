@@ -16,9 +16,21 @@ import numpy as np
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
 def default_dtype():
   """float32 on CPU (bfloat16 matmuls are slow on XLA:CPU), bfloat16 elsewhere."""
   return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def resolve_dtype(name: str):
+  """A compute dtype by name: "auto" (`default_dtype`) or one of `DTYPES`."""
+  if name == "auto":
+    return default_dtype()
+  if name not in DTYPES:
+    raise ValueError(f"dtype {name!r}: choose one of auto, {', '.join(DTYPES)}")
+  return DTYPES[name]
 
 
 def pick_bucket(prompt_len: int, max_new_tokens: int, cache_len: int, buckets: Sequence[int]) -> int:

@@ -20,8 +20,7 @@ import numpy as np
 
 from coreinfer_jax.core import cost
 from coreinfer_jax.core.gather import CoreSets
-from coreinfer_jax.core.policy import CorePolicy, Dense
-from coreinfer_jax.core.taps import merge_requests, ranking_tap
+from coreinfer_jax.core.policy import CorePolicy, Dense, selection_tap
 from coreinfer_jax.model.cache import KVCache
 from coreinfer_jax.model.config import ModelConfig
 from coreinfer_jax.model.forward import forward
@@ -56,8 +55,7 @@ def prefill_fn(config: ModelConfig, cache_len: int, sampling: SamplingConfig, po
   """(params, tokens [B, T], start [B], key, policy arrays) -> (first new
   token [B], cache, per layer core set int32 [B, k] or None, the policy's
   extra outputs). Dense, with the policy's selection inside the same pass."""
-  requests = merge_requests(config.num_layers, policy.requests(config.num_layers))
-  tap = ranking_tap(requests) if any(requests) else None
+  tap = selection_tap(config.num_layers, [policy])
 
   def run(params: ModelParams, tokens_BT, start_B, key, arrays):
     logits_BV, cache, rankings = prefill(params, config, tokens_BT, start_B, tap, cache_len)

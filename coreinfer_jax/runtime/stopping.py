@@ -20,9 +20,11 @@ bounded, and the whole linear in the generated length.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, FrozenSet, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from coreinfer_jax.model.config import ModelConfig
 
 REPLACEMENT = "\ufffd"   # what decoding makes of an incomplete multi-byte character
 
@@ -35,12 +37,7 @@ class GenerationResult:
   finish_reason: str        # "eos", "stop_string" or "length"
 
 
-class HasEosTokenIds(Protocol):
-  @property
-  def eos_token_ids(self) -> Sequence[int]: ...
-
-
-def eos_ids(config: HasEosTokenIds, tokenizer: Any = None) -> Tuple[int, ...]:
+def eos_ids(config: ModelConfig, tokenizer: Any = None) -> Tuple[int, ...]:
   """The ids that end a sequence: the config's and the tokenizer's."""
   eos = list(config.eos_token_ids)
   if tokenizer is not None and tokenizer.eos_token_id is not None:
