@@ -26,7 +26,16 @@ TINY_CONFIGS = {
     # q/k RMSNorm per head, and a head_dim that is not hidden / heads.
     "qwen3_qk_norm": ("Qwen3Config", "Qwen3ForCausalLM", dict(max_position_embeddings=256,
                                                               head_dim=24)),
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+    # A window narrower than the test prompts, on every layer.
+    "mistral_window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=6)),
+    # Sandwich norms, GeGLU, q/k norm, local layers (window 5, their own RoPE
+    # base) around a global one with linear RoPE scaling, query_pre_attn_scalar.
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=24, query_pre_attn_scalar=20, sliding_window=5, max_position_embeddings=256,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                            "rope_theta": 1000000.0}})),
     "opt_pre_ln": ("OPTConfig", "OPTForCausalLM", dict(ffn_dim=96, max_position_embeddings=256)),
     "opt_post_ln_proj": ("OPTConfig", "OPTForCausalLM", dict(
         ffn_dim=96, max_position_embeddings=256, do_layer_norm_before=False, word_embed_proj_dim=32)),

@@ -14,11 +14,11 @@ from __future__ import annotations
 import types
 from typing import Any, Mapping, Sequence
 
-from coreinfer_jax.checkpoint import llama, opt
+from coreinfer_jax.checkpoint import gemma3, llama, opt
 from coreinfer_jax.checkpoint.errors import UnsupportedConfigError
 from coreinfer_jax.model.config import ModelConfig
 
-_MODULES = (llama, opt)
+_MODULES = (llama, gemma3, opt)
 _BY_MODEL_TYPE = {t: m for m in _MODULES for t in m.MODEL_TYPES}
 _BY_GGUF_ARCHITECTURE = {a: m for m in _MODULES for a in m.GGUF_ARCHITECTURES}
 SUPPORTED_MODEL_TYPES = tuple(_BY_MODEL_TYPE)

@@ -3,12 +3,12 @@ config fields, and the attention tensors every architecture names alike."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Protocol, Tuple
+from typing import AbstractSet, Any, Callable, Dict, Mapping, Optional, Protocol, Tuple
 
 import jax
 
 from coreinfer_jax.checkpoint.errors import UnsupportedConfigError
-from coreinfer_jax.model.config import ModelConfig
+from coreinfer_jax.model.config import Llama3RopeScaling, ModelConfig
 from coreinfer_jax.model.params import AttentionParams
 
 
@@ -56,3 +56,67 @@ def attention_params(take: Take, c: ModelConfig, prefix: str, o_name: str) -> At
       q_norm_K=take.maybe(f"{prefix}.q_norm.weight", (c.head_dim,), c.qk_norm),
       k_norm_K=take.maybe(f"{prefix}.k_norm.weight", (c.head_dim,), c.qk_norm),
   )
+
+
+def rope_settings(params: Mapping[str, Any], default_theta: float, field: str,
+                  ) -> Tuple[float, Optional[Llama3RopeScaling], float]:
+  """(theta, llama3 scaling, linear factor) from one RoPE parameter dict
+  (`rope_parameters` of transformers 5, or an earlier `rope_scaling`); `field`
+  names it in errors."""
+  theta = float(params.get("rope_theta", default_theta))
+  rope_type = params.get("rope_type", params.get("type", "default"))
+  if rope_type == "default":
+    return theta, None, 1.0
+  if rope_type == "linear":
+    return theta, None, float(params["factor"])
+  if rope_type == "llama3":
+    return theta, Llama3RopeScaling(
+        factor=float(params["factor"]),
+        low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+    ), 1.0
+  raise UnsupportedConfigError(
+      f"config field {field!r} has rope_type {rope_type!r}: only default, linear "
+      "and llama3 RoPE are implemented")
+
+
+# --- GGUF (llama.cpp) ---------------------------------------------------------
+
+GGUFField = Callable[..., Any]   # (metadata key, default) -> value
+
+
+def gguf_base_config(model_type: str, arch: str, field: GGUFField,
+                     tensor_names: AbstractSet[str]) -> Dict[str, Any]:
+  """The Hugging Face config fields every GGUF architecture stores alike,
+  from its metadata (`field(key, default)`) and the names of its tensors."""
+  heads = int(field(f"{arch}.attention.head_count"))
+  hidden = int(field(f"{arch}.embedding_length"))
+  head_dim = (field(f"{arch}.attention.key_length") or field(f"{arch}.rope.dimension_count")
+              or hidden // heads)
+  return {
+      "model_type": model_type,
+      "vocab_size": int(field(f"{arch}.vocab_size") or len(field("tokenizer.ggml.tokens"))),
+      "hidden_size": hidden,
+      "intermediate_size": int(field(f"{arch}.feed_forward_length")),
+      "num_hidden_layers": int(field(f"{arch}.block_count")),
+      "num_attention_heads": heads,
+      "num_key_value_heads": int(field(f"{arch}.attention.head_count_kv", heads)),
+      "head_dim": int(head_dim),
+      "max_position_embeddings": int(field(f"{arch}.context_length", 2048)),
+      "rms_norm_eps": float(field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+      "rope_theta": float(field(f"{arch}.rope.freq_base", 10000.0)),
+      "tie_word_embeddings": "output.weight" not in tensor_names,
+      "bos_token_id": field("tokenizer.ggml.bos_token_id"),
+      "eos_token_id": field("tokenizer.ggml.eos_token_id"),
+  }
+
+
+def gguf_hf_name(name: str, layer_names: Mapping[str, str], global_names: Mapping[str, str]) -> str:
+  """A GGUF tensor name (`blk.{i}.{x}` or a global name) as its Hugging Face name."""
+  if name in global_names:
+    return global_names[name]
+  parts = name.split(".", 2)
+  if parts[0] == "blk" and len(parts) == 3 and parts[2] in layer_names:
+    return f"model.layers.{parts[1]}.{layer_names[parts[2]]}"
+  raise UnsupportedConfigError(f"GGUF tensor {name!r} has no Hugging Face equivalent here")

@@ -9,11 +9,13 @@ file to the same Hugging Face config and tensors.
 
 from __future__ import annotations
 
-from typing import AbstractSet, Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import AbstractSet, Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from coreinfer_jax.checkpoint.common import Take, attention_params, eos_ids, require
+from coreinfer_jax.checkpoint.common import (GGUFField, Take, attention_params, eos_ids,
+                                             gguf_base_config, gguf_hf_name, require,
+                                             rope_settings)
 from coreinfer_jax.checkpoint.errors import UnsupportedConfigError
 from coreinfer_jax.model.config import Llama3RopeScaling, ModelConfig
 from coreinfer_jax.model.ffn import FFNParams
@@ -27,30 +29,17 @@ KNOWN_FIELDS = frozenset("""
   hidden_act mlp_bias attention_bias rope_theta rope_scaling rope_parameters
   sliding_window use_sliding_window max_window_layers use_mrope layer_types
 """.split())
-GGUF_ARCHITECTURES = ("llama",)
+# llama.cpp architectures; `llama` stores Q/K rows permuted for its
+# interleaved RoPE, `qwen2` (NEOX RoPE) as Hugging Face does.
+GGUF_ARCHITECTURES = ("llama", "qwen2")
 
 
 def _rope_settings(cfg: Mapping[str, Any]) -> Tuple[float, Optional[Llama3RopeScaling], float]:
   """(theta, llama3 scaling, linear factor) from `rope_parameters` (transformers
   5) or `rope_theta` + `rope_scaling` (earlier configs)."""
-  params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-  theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-  rope_type = params.get("rope_type", params.get("type", "default"))
   field = "rope_parameters" if "rope_parameters" in cfg else "rope_scaling"
-  if rope_type == "default":
-    return theta, None, 1.0
-  if rope_type == "linear":
-    return theta, None, float(params["factor"])
-  if rope_type == "llama3":
-    return theta, Llama3RopeScaling(
-        factor=float(params["factor"]),
-        low_freq_factor=float(params["low_freq_factor"]),
-        high_freq_factor=float(params["high_freq_factor"]),
-        original_max_position_embeddings=int(params["original_max_position_embeddings"]),
-    ), 1.0
-  raise UnsupportedConfigError(
-      f"config field {field!r} has rope_type {rope_type!r}: only default, linear "
-      "and llama3 RoPE are implemented")
+  return rope_settings(dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}),
+                       float(cfg.get("rope_theta", 10000.0)), field)
 
 
 def config_from_hf(cfg: Mapping[str, Any]) -> ModelConfig:
@@ -154,42 +143,19 @@ _GGUF_GLOBAL_NAMES = {
 }
 
 
-def hf_config_from_gguf(arch: str, field: Callable[..., Any],
+def hf_config_from_gguf(arch: str, field: GGUFField,
                         tensor_names: AbstractSet[str]) -> Dict[str, Any]:
   """The Hugging Face config dict of a GGUF file, from its metadata
   (`field(key, default)`) and the names of its tensors."""
   if "rope_freqs.weight" in tensor_names:
     raise UnsupportedConfigError("GGUF tensor 'rope_freqs.weight' (llama3 RoPE factors) is not supported; "
                                  "load the Hugging Face folder instead")
-  heads = int(field(f"{arch}.attention.head_count"))
-  hidden = int(field(f"{arch}.embedding_length"))
-  vocab = field(f"{arch}.vocab_size") or len(field("tokenizer.ggml.tokens"))
-  return {
-      "model_type": "llama",
-      "vocab_size": int(vocab),
-      "hidden_size": hidden,
-      "intermediate_size": int(field(f"{arch}.feed_forward_length")),
-      "num_hidden_layers": int(field(f"{arch}.block_count")),
-      "num_attention_heads": heads,
-      "num_key_value_heads": int(field(f"{arch}.attention.head_count_kv", heads)),
-      "head_dim": int(field(f"{arch}.rope.dimension_count", hidden // heads)),
-      "max_position_embeddings": int(field(f"{arch}.context_length", 2048)),
-      "rms_norm_eps": float(field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-      "rope_theta": float(field(f"{arch}.rope.freq_base", 10000.0)),
-      "tie_word_embeddings": "output.weight" not in tensor_names,
-      "attention_bias": "blk.0.attn_q.bias" in tensor_names,
-      "bos_token_id": field("tokenizer.ggml.bos_token_id"),
-      "eos_token_id": field("tokenizer.ggml.eos_token_id"),
-  }
+  return dict(gguf_base_config(arch, arch, field, tensor_names),
+              attention_bias="blk.0.attn_q.bias" in tensor_names)
 
 
 def hf_name_from_gguf(name: str) -> str:
-  if name in _GGUF_GLOBAL_NAMES:
-    return _GGUF_GLOBAL_NAMES[name]
-  parts = name.split(".", 2)
-  if parts[0] == "blk" and len(parts) == 3 and parts[2] in _GGUF_LAYER_NAMES:
-    return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}"
-  raise UnsupportedConfigError(f"GGUF tensor {name!r} has no Hugging Face equivalent here")
+  return gguf_hf_name(name, _GGUF_LAYER_NAMES, _GGUF_GLOBAL_NAMES)
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -199,8 +165,10 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def to_hf_layout(gguf_name: str, array: np.ndarray, hf_config: Mapping[str, Any]) -> np.ndarray:
-  """A dequantized GGUF tensor in its Hugging Face layout: Q and K rows
-  unpermuted, every other tensor as it is."""
+  """A dequantized GGUF tensor in its Hugging Face layout: `llama`'s Q and K
+  rows unpermuted, every other tensor as it is."""
+  if hf_config["model_type"] != "llama":
+    return array
   heads = {"attn_q.weight": hf_config["num_attention_heads"],
            "attn_k.weight": hf_config["num_key_value_heads"]}.get(gguf_name.split(".", 2)[-1])
   return unpermute_qk(array, heads) if heads else array

@@ -15,8 +15,12 @@ import dataclasses
 from typing import Optional, Tuple
 
 NORMS = ("rms", "layer")                   # RMSNorm | LayerNorm (with bias)
-NORM_PLACEMENTS = ("pre", "post")          # before each block (Llama, OPT-350m+) | after (OPT post-LN)
-FFN_ACTIVATIONS = ("silu_gated", "relu")   # SwiGLU: silu(x gateᵀ) * (x upᵀ) | relu(x upᵀ + b)
+# "pre": before each block (Llama, OPT-350m+); "post": after the residual add
+# (OPT post-LN); "sandwich": before each block and on its output before the
+# residual add (Gemma 2/3).
+NORM_PLACEMENTS = ("pre", "post", "sandwich")
+# SwiGLU: silu(x gateᵀ) * (x upᵀ) | GeGLU: gelu_tanh(x gateᵀ) * (x upᵀ) | relu(x upᵀ + b)
+FFN_ACTIVATIONS = ("silu_gated", "gelu_tanh_gated", "relu")
 POSITIONS = ("rope", "learned")            # rotary (half-rotation layout) | learned table (OPT)
 
 
@@ -47,7 +51,7 @@ class ModelConfig:
   final_norm: bool = True
   ffn_activation: str = "silu_gated"
   positions: str = "rope"
-  qk_norm: bool = False      # RMSNorm over each head's q and k before RoPE (Qwen3)
+  qk_norm: bool = False      # RMSNorm over each head's q and k before RoPE (Qwen3, Gemma 3)
   qkv_bias: bool = False
   o_bias: bool = False
   ffn_bias: bool = False
@@ -55,8 +59,17 @@ class ModelConfig:
   rope_theta: float = 10000.0
   rope_scaling: Optional[Llama3RopeScaling] = None
   rope_linear_factor: float = 1.0
-  # Per layer, the attention window (None: full causal attention over the cache).
+  # The RoPE base of layers with an attention window, which are not scaled
+  # (Gemma 3's local layers); None: every layer uses rope_theta and its scaling.
+  local_rope_theta: Optional[float] = None
+  # Per layer, the attention window W: a query attends to the W most recent
+  # positions, itself included (None: every earlier position in the cache).
   layer_windows: Tuple[Optional[int], ...] = ()
+  # Attention scores are q·k times this (None: head_dim ** -0.5; Gemma:
+  # query_pre_attn_scalar ** -0.5).
+  query_scale: Optional[float] = None
+  # Token embeddings are multiplied by this, in the parameters' dtype (Gemma: √D).
+  embed_scale: float = 1.0
   # Learned positions and embedding projections (OPT).
   embed_dim: Optional[int] = None    # token embedding width E when != D
   position_offset: int = 0           # OPT learned positions start at 2
@@ -80,8 +93,5 @@ class ModelConfig:
   def token_embed_dim(self) -> int:
     return self.embed_dim if self.has_projection else self.hidden_size
 
-  @property
-  def smallest_window(self) -> Optional[int]:
-    """The narrowest attention window of any layer (None: all layers attend fully)."""
-    windows = [w for w in self.layer_windows if w is not None]
-    return min(windows) if windows else None
+  def layer_window(self, layer: int) -> Optional[int]:
+    return self.layer_windows[layer] if self.layer_windows else None

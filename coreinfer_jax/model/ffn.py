@@ -13,7 +13,8 @@ Three explicit kinds, each a pytree that knows how to contract its own rows
   score many core sets as rows of one batch.
 
 The activation (`ModelConfig.ffn_activation`) is the config's: SwiGLU
-`h = silu(x gateᵀ) * (x upᵀ)`, or ReLU `h = relu(x upᵀ + up_bias)`. What
+`h = silu(x gateᵀ) * (x upᵀ)`, GeGLU `h = gelu_tanh(x gateᵀ) * (x upᵀ)`, or
+ReLU `h = relu(x upᵀ + up_bias)`. What
 core-neuron selection ranks is decided here once (`NeuronValues`).
 """
 
@@ -113,7 +114,7 @@ FFN = Union[FFNParams, PerSequenceFFN, MaskedFFN]
 class NeuronValues(NamedTuple):
   """One FFN's per-neuron values over a chunk, `[B, T, N]`.
 
-  `values` is what the paper's signed rule ranks (h for SwiGLU; for ReLU
+  `values` is what the paper's signed rule ranks (h for gated FFNs; for ReLU
   FFNs the fc1 output before the ReLU, as the official code); `h` is the
   activation itself (what magnitude and GRIFFIN rank). For SwiGLU they are
   the same array."""
@@ -123,10 +124,12 @@ class NeuronValues(NamedTuple):
 
 def neuron_values(config: ModelConfig, ffn: FFN, x_BTD: jax.Array) -> NeuronValues:
   up, gate = ffn.project_in(x_BTD)
-  if config.ffn_activation == "silu_gated":
-    h = jax.nn.silu(gate) * up
-    return NeuronValues(h, h)
-  return NeuronValues(up, jax.nn.relu(up))
+  if config.ffn_activation == "relu":
+    return NeuronValues(up, jax.nn.relu(up))
+  gate_act = {"silu_gated": jax.nn.silu,
+              "gelu_tanh_gated": lambda g: jax.nn.gelu(g, approximate=True)}[config.ffn_activation]
+  h = gate_act(gate) * up
+  return NeuronValues(h, h)
 
 
 def ffn_output(ffn: FFN, h_BTN: jax.Array) -> jax.Array:

@@ -38,6 +38,8 @@ def positions(cache: KVCache, num_tokens: int) -> jax.Array:
 def embed(params: ModelParams, config: ModelConfig, tokens_BT: jax.Array,
           positions_BT: jax.Array) -> jax.Array:
   x = params.embed_VE[tokens_BT]
+  if config.embed_scale != 1.0:
+    x = x * jnp.asarray(config.embed_scale, x.dtype)
   if params.project_in_DE is not None:
     x = layers.linear(x, params.project_in_DE)
   if config.positions == "learned":
@@ -47,20 +49,27 @@ def embed(params: ModelParams, config: ModelConfig, tokens_BT: jax.Array,
 
 def layer_forward(p: LayerParams, config: ModelConfig, x_BTD: jax.Array, positions_BT: jax.Array,
                   k_cache: jax.Array, v_cache: jax.Array, write_slot: jax.Array,
-                  start_B: jax.Array, tap: Optional[Callable[[NeuronValues], Any]] = None):
+                  start_B: jax.Array, window: Optional[int] = None,
+                  tap: Optional[Callable[[NeuronValues], Any]] = None):
   """One decoder block. Returns (x, k_cache, v_cache, the tap's output or None)."""
-  pre = config.norm_placement == "pre"
-  attn_in = layers.norm(config, p.attn_norm, x_BTD) if pre else x_BTD
+  post = config.norm_placement == "post"
+  sandwich = config.norm_placement == "sandwich"
+  attn_in = x_BTD if post else layers.norm(config, p.attn_norm, x_BTD)
   attn_out, k_cache, v_cache = layers.attention(
-      p.attn, config, attn_in, positions_BT, k_cache, v_cache, write_slot, start_B)
+      p.attn, config, attn_in, positions_BT, k_cache, v_cache, write_slot, start_B, window)
+  if sandwich:
+    attn_out = layers.norm(config, p.attn_out_norm, attn_out)
   x_BTD = x_BTD + attn_out
-  if not pre:
+  if post:
     x_BTD = layers.norm(config, p.attn_norm, x_BTD)
-  ffn_in = layers.norm(config, p.ffn_norm, x_BTD) if pre else x_BTD
+  ffn_in = x_BTD if post else layers.norm(config, p.ffn_norm, x_BTD)
   values = neuron_values(config, p.ffn, ffn_in)
   tapped = tap(values) if tap else None
-  x_BTD = x_BTD + ffn_output(p.ffn, values.h)
-  if not pre:
+  ffn_out = ffn_output(p.ffn, values.h)
+  if sandwich:
+    ffn_out = layers.norm(config, p.ffn_out_norm, ffn_out)
+  x_BTD = x_BTD + ffn_out
+  if post:
     x_BTD = layers.norm(config, p.ffn_norm, x_BTD)
   return x_BTD, k_cache, v_cache, tapped
 
@@ -91,7 +100,8 @@ def forward_tapped(params: ModelParams, config: ModelConfig, cache: KVCache, tok
   for i, (p, k_cache, v_cache) in enumerate(zip(params.layers, cache.k, cache.v)):
     layer_tap = (lambda values, i=i: tap(i, values, real_BT)) if tap else None
     x, k_cache, v_cache, out = layer_forward(p, config, x, pos_BT, k_cache, v_cache,
-                                             cache.length, cache.start_B, layer_tap)
+                                             cache.length, cache.start_B,
+                                             config.layer_window(i), layer_tap)
     new_k.append(k_cache)
     new_v.append(v_cache)
     tapped.append(out)

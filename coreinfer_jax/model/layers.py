@@ -32,10 +32,14 @@ def norm(config: ModelConfig, p: NormParams, x: jax.Array) -> jax.Array:
   return (y * p.scale_D + p.bias_D).astype(x.dtype)
 
 
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-  """Inverse frequencies [hd/2], with linear or llama3 scaling as transformers."""
+def rope_inv_freq(config: ModelConfig, windowed: bool = False) -> np.ndarray:
+  """Inverse frequencies [hd/2], with linear or llama3 scaling as transformers;
+  a `windowed` layer uses `config.local_rope_theta` unscaled where it is set."""
   hd = config.head_dim
-  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd))
+  exponents = np.arange(0, hd, 2, dtype=np.float32) / hd
+  if windowed and config.local_rope_theta is not None:
+    return (1.0 / (config.local_rope_theta ** exponents)).astype(np.float32)
+  inv_freq = 1.0 / (config.rope_theta ** exponents)
   inv_freq = inv_freq / config.rope_linear_factor
   s = config.rope_scaling
   if s is None:
@@ -68,10 +72,12 @@ def linear(x: jax.Array, weight_OI: jax.Array, bias_O: Optional[jax.Array] = Non
 
 def attention(p: AttentionParams, config: ModelConfig, x_BTD: jax.Array, positions_BT: jax.Array,
               k_cache: jax.Array, v_cache: jax.Array, write_slot: jax.Array, start_B: jax.Array,
-              ) -> Tuple[jax.Array, jax.Array, jax.Array]:
+              window: Optional[int] = None) -> Tuple[jax.Array, jax.Array, jax.Array]:
   """Writes this chunk's K/V at slots [write_slot, write_slot + T) of the
   `[B, KVH, S, hd]` caches and attends causally over the cache, skipping each
-  sequence's padding. Returns (output [B, T, D], k_cache, v_cache)."""
+  sequence's padding; with a `window` W, each query sees only the W most
+  recent slots (itself included) whatever the cache length. Returns
+  (output [B, T, D], k_cache, v_cache)."""
   B, T, _ = x_BTD.shape
   H, KVH, hd = config.num_heads, config.num_kv_heads, config.head_dim
   q = linear(x_BTD, p.q_weight, p.q_bias).reshape(B, T, H, hd)
@@ -81,7 +87,7 @@ def attention(p: AttentionParams, config: ModelConfig, x_BTD: jax.Array, positio
     q = rms_norm(q, p.q_norm_K, config.norm_eps)
     k = rms_norm(k, p.k_norm_K, config.norm_eps)
   if config.positions == "rope":
-    inv_freq = rope_inv_freq(config)
+    inv_freq = rope_inv_freq(config, windowed=window is not None)
     q = apply_rope(q, positions_BT, inv_freq)
     k = apply_rope(k, positions_BT, inv_freq)
   zero = jnp.zeros((), jnp.int32)
@@ -95,6 +101,8 @@ def attention(p: AttentionParams, config: ModelConfig, x_BTD: jax.Array, positio
   k_slot_S = jnp.arange(S, dtype=jnp.int32)
   visible_BTS = (k_slot_S[None, None, :] <= q_slot_T[None, :, None]) & (
       k_slot_S[None, None, :] >= start_B[:, None, None])
+  if window is not None:
+    visible_BTS = visible_BTS & (k_slot_S[None, None, :] > q_slot_T[None, :, None] - window)
   q = q.reshape(B, T, KVH, H // KVH, hd).transpose(0, 2, 3, 1, 4)   # [B, KVH, G, T, hd]
   if T == 1:
     # Decode: multiply-reduce reads the cache where it lies; a dot_general
@@ -102,7 +110,7 @@ def attention(p: AttentionParams, config: ModelConfig, x_BTD: jax.Array, positio
     scores = jnp.sum(q.astype(jnp.float32) * k_cache[:, :, None], axis=-1)[:, :, :, None]
   else:
     scores = jnp.einsum("bkgth,bksh->bkgts", q, k_cache, preferred_element_type=jnp.float32)
-  scores = scores * (1.0 / math.sqrt(hd))
+  scores = scores * (config.query_scale or 1.0 / math.sqrt(hd))
   scores = jnp.where(visible_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
   if T == 1:

@@ -55,6 +55,9 @@ class LayerParams:
   attn: AttentionParams
   ffn_norm: NormParams
   ffn: FFN
+  # "sandwich" norm placement: the norms of each block's output (Gemma 2/3).
+  attn_out_norm: Optional[NormParams] = None
+  ffn_out_norm: Optional[NormParams] = None
 
   AXES = {}
 

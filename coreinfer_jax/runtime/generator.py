@@ -96,10 +96,6 @@ class Generator:
                cache_len: int = 1024, buckets: Sequence[int] = DEFAULT_BUCKETS,
                sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
                policy: CorePolicy = Dense(), preload: bool = False, time_selection: bool = False):
-    window = config.smallest_window
-    if window and cache_len > window:
-      raise ValueError(f"cache_len {cache_len} exceeds the model's sliding window "
-                       f"{window}, which is not implemented")
     if policy.spec is not None and len(policy.spec.layer_k) != config.num_layers:
       raise ValueError(f"core spec for {len(policy.spec.layer_k)} layers, model has "
                        f"{config.num_layers}")
