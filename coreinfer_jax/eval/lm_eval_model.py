@@ -1,7 +1,7 @@
 """lm-evaluation-harness model `coreinfer_jax`: any lm-eval task, decoded sparsely.
 
   python -m coreinfer_jax.eval.lm_eval_model run --model coreinfer_jax \
-      --model_args model=PATH,method=stability,beta=0.4,scoring=griffin \
+      --model_args model=PATH_OR_NAME,method=stability,beta=0.4,scoring=griffin \
       --tasks coreinfer_piqa --include_path coreinfer_jax/eval/lm_eval_tasks \
       --metadata '{"data_dir": "DATA_DIR"}'
 
@@ -50,13 +50,14 @@ class CoreInferLM(LM):
                policy: Optional[CorePolicy] = None, **unused):
     super().__init__()
     dtype = resolve_dtype(dtype)
+    model = checkpoint.model_path(model)
     config = checkpoint.load_config(model)
     if policy is None:
       settings = dict(beta=str(beta), alpha=float(alpha), scoring=scoring,
                       sparse_layers=str(sparse_layers), beta_file=beta_file)
       policy = methods.policy_for(
           method, settings, config, cluster_dir=cluster_dir,
-          fingerprint=checkpoint.fingerprint(model or checkpoint.default_model_path()))
+          fingerprint=checkpoint.fingerprint(model))
     loaded = checkpoint.load_model(model, dtype)
     if loaded.tokenizer is None:
       raise ValueError(f"{loaded.path} has no tokenizer")

@@ -5,6 +5,8 @@ import shutil
 
 import pytest
 
+from coreinfer_jax.checkpoint import NAMED_MODELS
+from tests.checkpoint.test_gguf_reader import truncated_gguf
 from tests.conftest import run_generate
 
 
@@ -37,3 +39,21 @@ def test_unsupported_config_in_folder_exits_nonzero(tiny_llama, tmp_path):
   proc = run_generate(f"--model={folder}", "--prompt=hi")
   assert proc.returncode == 2
   assert "'hidden_act'" in proc.stderr
+
+
+def test_truncated_gguf_exits_2_in_one_line(tmp_path, monkeypatch):
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  path = tmp_path / "model.gguf"
+  truncated_gguf(path)
+  proc = run_generate(f"--model={path}", "--prompt=hi")
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.splitlines()[-1].startswith(f"error: GGUF file '{path}' is truncated: ")
+  assert proc.stderr.count("\n") == 1
+
+
+def test_unknown_model_name_exits_2_listing_the_names(tmp_path, monkeypatch):
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  proc = run_generate("--model=no-such-name", "--prompt=hi")
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr == ("error: model 'no-such-name' is neither a file or folder nor a named model "
+                         f"(named: {', '.join(NAMED_MODELS)})\n")
