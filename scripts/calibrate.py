@@ -166,8 +166,8 @@ def main(argv):
 
 def windows_of(m, path: str, count: int, skip: int):
   with open(path, encoding="utf-8") as fh:
-    ids = m.tokenizer(fh.read())["input_ids"]
-  return tasks.token_windows(ids, FLAGS.window_context, FLAGS.window_continuation, count, skip)
+    return tasks.text_windows(m.tokenizer, fh.read(), FLAGS.window_context,
+                              FLAGS.window_continuation, count, skip)
 
 
 def reused_trajectory(record: dict):

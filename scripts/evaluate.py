@@ -130,9 +130,8 @@ def main(argv):
   results = []
   for task in chosen:
     if task.kind == "perplexity":
-      ids = m.tokenizer(tasks.wikitext_text(FLAGS.data_dir))["input_ids"]
-      windows = tasks.token_windows(ids, FLAGS.window_context, FLAGS.window_continuation,
-                                    FLAGS.windows)
+      windows = tasks.text_windows(m.tokenizer, tasks.wikitext_text(FLAGS.data_dir),
+                                   FLAGS.window_context, FLAGS.window_continuation, FLAGS.windows)
       results += runners.evaluate_perplexity(scorer, windows, task.name, FLAGS.progress)
     elif task.kind == "multiple_choice":
       examples = tasks.load_examples(task, FLAGS.data_dir, FLAGS.limit, FLAGS.num_fewshot)

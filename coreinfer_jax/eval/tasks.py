@@ -227,18 +227,39 @@ class Window:
   continuation: Tuple[int, ...]    # scored as decoding would
 
 
+def special_prefix(tokenizer) -> Tuple[int, ...]:
+  """The tokens the tokenizer puts before any text (Gemma's BOS; none for
+  SmolLM2 or Qwen)."""
+  with_special = list(tokenizer("a")["input_ids"])
+  without = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+  cut = len(with_special) - len(without)
+  return tuple(with_special[:cut]) if cut > 0 and with_special[cut:] == without else ()
+
+
+def text_windows(tokenizer, text: str, context_len: int, continuation_len: int,
+                 count: Optional[int] = None, skip: int = 0) -> List[Window]:
+  """`token_windows` of a text, each context starting with the tokenizer's
+  special prefix as a document would (a model trained with a BOS scores text
+  far worse without one)."""
+  ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+  return token_windows(ids, context_len, continuation_len, count, skip, special_prefix(tokenizer))
+
+
 def token_windows(token_ids: Sequence[int], context_len: int, continuation_len: int,
-                  count: Optional[int] = None, skip: int = 0) -> List[Window]:
+                  count: Optional[int] = None, skip: int = 0,
+                  prefix: Sequence[int] = ()) -> List[Window]:
   """Consecutive non-overlapping windows of `context_len + continuation_len`
-  tokens, from window number `skip` on, at most `count` of them."""
-  if context_len < 1 or continuation_len < 1:
-    raise ValueError("window context and continuation lengths must be at least 1")
+  tokens, from window number `skip` on, at most `count` of them; a `prefix`
+  replaces the first tokens of each context (so windows lie where they would
+  without it)."""
+  if context_len <= len(prefix) or continuation_len < 1:
+    raise ValueError("window context (beyond any BOS) and continuation lengths must be at least 1")
   size = context_len + continuation_len
   available = len(token_ids) // size - skip
   if available < (count or 1):
     raise ValueError(f"text of {len(token_ids)} tokens holds {max(available, 0)} windows of "
                      f"{size} tokens after skipping {skip}; asked for {count or 1}")
   n = available if count is None else count
-  return [Window(tuple(token_ids[i * size:i * size + context_len]),
+  return [Window(tuple(prefix) + tuple(token_ids[i * size + len(prefix):i * size + context_len]),
                  tuple(token_ids[i * size + context_len:(i + 1) * size]))
           for i in range(skip, skip + n)]

@@ -64,6 +64,28 @@ def test_token_windows():
     tasks.token_windows(list(range(100)), 10, 5, count=7, skip=1)
 
 
+class _WordTokenizer:
+  """Words as ids (their length), with an optional BOS of id 99."""
+
+  def __init__(self, bos):
+    self.bos = bos
+
+  def __call__(self, text, add_special_tokens=True):
+    ids = [len(w) for w in text.split()]
+    return {"input_ids": ([99] if self.bos and add_special_tokens else []) + ids}
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_text_windows_start_every_context_with_the_tokenizers_prefix(bos):
+  text = " ".join("x" * (1 + i % 7) for i in range(60))
+  plain = tasks.token_windows(_WordTokenizer(False)(text)["input_ids"], 10, 5, count=3)
+  windows = tasks.text_windows(_WordTokenizer(bos), text, 10, 5, count=3)
+  assert tasks.special_prefix(_WordTokenizer(bos)) == ((99,) if bos else ())
+  for w, p in zip(windows, plain):
+    assert w.continuation == p.continuation   # the same tokens are scored
+    assert w.context == (((99,) + p.context[1:]) if bos else p.context)
+
+
 def test_bad_task_input():
   with pytest.raises(ValueError, match="unknown task"):
     tasks.get_task("mmlu")
