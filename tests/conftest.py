@@ -80,15 +80,19 @@ def tiny_llama(tmp_path_factory):
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
-def tiny_llama_with_tokenizer(tiny_llama, tmp_path):
-  """The tiny Llama folder plus the word-level tokenizer of tests/fixtures."""
-  folder = tmp_path / "with_tokenizer"
-  shutil.copytree(tiny_llama, folder)
+def with_tokenizer(model_folder, folder):
+  """A copy of a tiny model folder plus the word-level tokenizer of tests/fixtures."""
+  shutil.copytree(model_folder, folder)
   src = os.path.join(REPO, "tests", "fixtures", "tokenizer")
   for f in os.listdir(src):
     shutil.copy(os.path.join(src, f), folder)
   return folder
+
+
+@pytest.fixture
+def tiny_llama_with_tokenizer(tiny_llama, tmp_path):
+  """The tiny Llama folder plus the word-level tokenizer of tests/fixtures."""
+  return with_tokenizer(tiny_llama, tmp_path / "with_tokenizer")
 
 
 def run_generate(*args):
