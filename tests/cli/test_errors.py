@@ -51,6 +51,22 @@ def test_truncated_gguf_exits_2_in_one_line(tmp_path, monkeypatch):
   assert proc.stderr.count("\n") == 1
 
 
+def test_unsupported_gguf_architecture_exits_2_in_one_line(tmp_path):
+  import gguf
+  import numpy as np
+  path = tmp_path / "phi.gguf"
+  writer = gguf.GGUFWriter(str(path), "phi3")
+  writer.add_tensor("token_embd.weight", np.ones((64, 32), np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  proc = run_generate(f"--model={path}", "--prompt=hi")
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.strip() == ("error: GGUF architecture 'phi3' is not supported "
+                                 "(supported: llama, qwen2, gemma3)"), proc.stderr
+
+
 def test_unknown_model_name_exits_2_listing_the_names(tmp_path, monkeypatch):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
   proc = run_generate("--model=no-such-name", "--prompt=hi")
