@@ -9,7 +9,8 @@ import jax
 
 from coreinfer_jax.checkpoint.errors import UnsupportedConfigError
 from coreinfer_jax.model.config import Llama3RopeScaling, ModelConfig
-from coreinfer_jax.model.params import AttentionParams
+from coreinfer_jax.model.ffn import FFNParams
+from coreinfer_jax.model.params import AttentionParams, LayerParams, ModelParams, NormParams
 
 
 class Take(Protocol):
@@ -55,6 +56,29 @@ def attention_params(take: Take, c: ModelConfig, prefix: str, o_name: str) -> At
       o_bias=take.maybe(f"{prefix}.{o_name}.bias", (D,), c.o_bias),
       q_norm_K=take.maybe(f"{prefix}.q_norm.weight", (c.head_dim,), c.qk_norm),
       k_norm_K=take.maybe(f"{prefix}.k_norm.weight", (c.head_dim,), c.qk_norm),
+  )
+
+
+def gated_ffn(take: Take, c: ModelConfig, prefix: str) -> FFNParams:
+  """`{prefix}.{gate,up,down}_proj` as neuron-major rows (down transposed)."""
+  F, D = c.intermediate_size, c.hidden_size
+  return FFNParams(gate_FD=take(f"{prefix}.gate_proj.weight", (F, D)),
+                   up_FD=take(f"{prefix}.up_proj.weight", (F, D)),
+                   down_FD=take(f"{prefix}.down_proj.weight", (F, D), transpose=True))
+
+
+def decoder_params(take: Take, c: ModelConfig, layers: Tuple[LayerParams, ...],
+                   final_norm: NormParams) -> ModelParams:
+  """`model.embed_tokens` and, unless tied, `lm_head` around the layers."""
+  embed = take("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
+  if c.tie_word_embeddings:
+    take.discard("lm_head.weight")
+  return ModelParams(
+      embed_VE=embed,
+      layers=tuple(layers),
+      final_norm=final_norm,
+      lm_head_VE=None if c.tie_word_embeddings else take("lm_head.weight",
+                                                         (c.vocab_size, c.hidden_size)),
   )
 
 
@@ -112,11 +136,33 @@ def gguf_base_config(model_type: str, arch: str, field: GGUFField,
   }
 
 
-def gguf_hf_name(name: str, layer_names: Mapping[str, str], global_names: Mapping[str, str]) -> str:
-  """A GGUF tensor name (`blk.{i}.{x}` or a global name) as its Hugging Face name."""
-  if name in global_names:
-    return global_names[name]
+# The tensor names llama.cpp gives every decoder alike (each architecture
+# adds its own norms and biases).
+GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+GGUF_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def gguf_hf_name(name: str, layer_names: Mapping[str, str]) -> str:
+  """A GGUF tensor name (`blk.{i}.{x}` or a global name) as its Hugging Face
+  name: `GGUF_LAYER_NAMES` and the architecture's own `layer_names`."""
+  if name in GGUF_GLOBAL_NAMES:
+    return GGUF_GLOBAL_NAMES[name]
   parts = name.split(".", 2)
-  if parts[0] == "blk" and len(parts) == 3 and parts[2] in layer_names:
-    return f"model.layers.{parts[1]}.{layer_names[parts[2]]}"
+  if parts[0] == "blk" and len(parts) == 3:
+    layer_name = layer_names.get(parts[2]) or GGUF_LAYER_NAMES.get(parts[2])
+    if layer_name:
+      return f"model.layers.{parts[1]}.{layer_name}"
   raise UnsupportedConfigError(f"GGUF tensor {name!r} has no Hugging Face equivalent here")

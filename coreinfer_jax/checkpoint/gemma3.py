@@ -15,11 +15,11 @@ from typing import AbstractSet, Any, Dict, List, Mapping
 
 import numpy as np
 
-from coreinfer_jax.checkpoint.common import (GGUFField, Take, attention_params, eos_ids,
+from coreinfer_jax.checkpoint.common import (GGUFField, Take, attention_params,
+                                             decoder_params, eos_ids, gated_ffn,
                                              gguf_base_config, gguf_hf_name, require,
                                              rope_settings)
 from coreinfer_jax.model.config import ModelConfig
-from coreinfer_jax.model.ffn import FFNParams
 from coreinfer_jax.model.params import LayerParams, ModelParams, NormParams
 
 MODEL_TYPES = ("gemma3_text",)
@@ -124,56 +124,31 @@ def _norm(take: Take, name: str, size: int) -> NormParams:
 
 def params(take: Take, c: ModelConfig) -> ModelParams:
   """Parameters from the Hugging Face tensor names (`model.layers.{i}...`)."""
-  D, F = c.hidden_size, c.intermediate_size
+  D = c.hidden_size
   layers = []
   for i in range(c.num_layers):
     p = f"model.layers.{i}"
     attn = attention_params(take, c, f"{p}.self_attn", "o_proj")
-    attn = attn.replace(q_norm_K=attn.q_norm_K + 1, k_norm_K=attn.k_norm_K + 1)
     layers.append(LayerParams(
         attn_norm=_norm(take, f"{p}.input_layernorm.weight", D),
-        attn=attn,
+        attn=attn.replace(q_norm_K=attn.q_norm_K + 1, k_norm_K=attn.k_norm_K + 1),
         attn_out_norm=_norm(take, f"{p}.post_attention_layernorm.weight", D),
         ffn_norm=_norm(take, f"{p}.pre_feedforward_layernorm.weight", D),
-        ffn=FFNParams(
-            gate_FD=take(f"{p}.mlp.gate_proj.weight", (F, D)),
-            up_FD=take(f"{p}.mlp.up_proj.weight", (F, D)),
-            down_FD=take(f"{p}.mlp.down_proj.weight", (F, D), transpose=True),
-        ),
+        ffn=gated_ffn(take, c, f"{p}.mlp"),
         ffn_out_norm=_norm(take, f"{p}.post_feedforward_layernorm.weight", D),
     ))
-  embed = take("model.embed_tokens.weight", (c.vocab_size, D))
-  if c.tie_word_embeddings:
-    take.discard("lm_head.weight")
-  return ModelParams(
-      embed_VE=embed,
-      layers=tuple(layers),
-      final_norm=_norm(take, "model.norm.weight", D),
-      lm_head_VE=None if c.tie_word_embeddings else take("lm_head.weight", (c.vocab_size, D)),
-  )
+  return decoder_params(take, c, tuple(layers), _norm(take, "model.norm.weight", D))
 
 
 # --- GGUF (llama.cpp) ---------------------------------------------------------
 
+# Beyond `common.GGUF_LAYER_NAMES`.
 _GGUF_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
     "attn_q_norm.weight": "self_attn.q_norm.weight",
     "attn_k_norm.weight": "self_attn.k_norm.weight",
     "post_attention_norm.weight": "post_attention_layernorm.weight",
     "ffn_norm.weight": "pre_feedforward_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
     "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
-}
-_GGUF_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
 }
 
 
@@ -191,7 +166,7 @@ def hf_config_from_gguf(arch: str, field: GGUFField,
 
 
 def hf_name_from_gguf(name: str) -> str:
-  return gguf_hf_name(name, _GGUF_LAYER_NAMES, _GGUF_GLOBAL_NAMES)
+  return gguf_hf_name(name, _GGUF_LAYER_NAMES)
 
 
 def to_hf_layout(gguf_name: str, array: np.ndarray, hf_config: Mapping[str, Any]) -> np.ndarray:

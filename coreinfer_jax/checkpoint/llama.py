@@ -13,12 +13,12 @@ from typing import AbstractSet, Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from coreinfer_jax.checkpoint.common import (GGUFField, Take, attention_params, eos_ids,
+from coreinfer_jax.checkpoint.common import (GGUFField, Take, attention_params,
+                                             decoder_params, eos_ids, gated_ffn,
                                              gguf_base_config, gguf_hf_name, require,
                                              rope_settings)
 from coreinfer_jax.checkpoint.errors import UnsupportedConfigError
 from coreinfer_jax.model.config import Llama3RopeScaling, ModelConfig
-from coreinfer_jax.model.ffn import FFNParams
 from coreinfer_jax.model.params import LayerParams, ModelParams, NormParams
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -95,51 +95,24 @@ def config_from_hf(cfg: Mapping[str, Any]) -> ModelConfig:
 
 def params(take: Take, c: ModelConfig) -> ModelParams:
   """Parameters from the Hugging Face tensor names (`model.layers.{i}...`)."""
-  D, F = c.hidden_size, c.intermediate_size
-  layers = []
-  for i in range(c.num_layers):
-    p = f"model.layers.{i}"
-    layers.append(LayerParams(
-        attn_norm=NormParams(take(f"{p}.input_layernorm.weight", (D,))),
-        attn=attention_params(take, c, f"{p}.self_attn", "o_proj"),
-        ffn_norm=NormParams(take(f"{p}.post_attention_layernorm.weight", (D,))),
-        ffn=FFNParams(
-            gate_FD=take(f"{p}.mlp.gate_proj.weight", (F, D)),
-            up_FD=take(f"{p}.mlp.up_proj.weight", (F, D)),
-            down_FD=take(f"{p}.mlp.down_proj.weight", (F, D), transpose=True),
-        ),
-    ))
-  embed = take("model.embed_tokens.weight", (c.vocab_size, D))
-  if c.tie_word_embeddings:
-    take.discard("lm_head.weight")
-  return ModelParams(
-      embed_VE=embed,
-      layers=tuple(layers),
-      final_norm=NormParams(take("model.norm.weight", (D,))),
-      lm_head_VE=None if c.tie_word_embeddings else take("lm_head.weight", (c.vocab_size, D)),
-  )
+  D = c.hidden_size
+  layers = tuple(LayerParams(
+      attn_norm=NormParams(take(f"model.layers.{i}.input_layernorm.weight", (D,))),
+      attn=attention_params(take, c, f"model.layers.{i}.self_attn", "o_proj"),
+      ffn_norm=NormParams(take(f"model.layers.{i}.post_attention_layernorm.weight", (D,))),
+      ffn=gated_ffn(take, c, f"model.layers.{i}.mlp"),
+  ) for i in range(c.num_layers))
+  return decoder_params(take, c, layers, NormParams(take("model.norm.weight", (D,))))
 
 
 # --- GGUF (llama.cpp) ---------------------------------------------------------
 
+# Beyond `common.GGUF_LAYER_NAMES`.
 _GGUF_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
     "attn_q.bias": "self_attn.q_proj.bias",
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",
     "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-_GGUF_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
 }
 
 
@@ -155,7 +128,7 @@ def hf_config_from_gguf(arch: str, field: GGUFField,
 
 
 def hf_name_from_gguf(name: str) -> str:
-  return gguf_hf_name(name, _GGUF_LAYER_NAMES, _GGUF_GLOBAL_NAMES)
+  return gguf_hf_name(name, _GGUF_LAYER_NAMES)
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:

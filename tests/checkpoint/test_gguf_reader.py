@@ -12,14 +12,19 @@ from coreinfer_jax.checkpoint import load as loading
 from coreinfer_jax.checkpoint.gguf_reader import read_gguf
 
 
-def truncated_gguf(path, keep=0.5):
-  """A llama GGUF with one float32 tensor, cut to `keep` of its bytes."""
-  writer = gguf.GGUFWriter(str(path), "llama")
+def one_tensor_gguf(path, arch="llama"):
+  """A GGUF of architecture `arch` with one float32 tensor."""
+  writer = gguf.GGUFWriter(str(path), arch)
   writer.add_tensor("token_embd.weight", np.ones((64, 32), np.float32))
   writer.write_header_to_file()
   writer.write_kv_data_to_file()
   writer.write_tensors_to_file()
   writer.close()
+
+
+def truncated_gguf(path, keep=0.5):
+  """`one_tensor_gguf`, cut to `keep` of its bytes."""
+  one_tensor_gguf(path)
   size = os.path.getsize(path)
   os.truncate(path, int(size * keep))
   return size

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from coreinfer_jax.checkpoint import NAMED_MODELS
-from tests.checkpoint.test_gguf_reader import truncated_gguf
+from tests.checkpoint.test_gguf_reader import one_tensor_gguf, truncated_gguf
 from tests.conftest import run_generate
 
 
@@ -52,15 +52,8 @@ def test_truncated_gguf_exits_2_in_one_line(tmp_path, monkeypatch):
 
 
 def test_unsupported_gguf_architecture_exits_2_in_one_line(tmp_path):
-  import gguf
-  import numpy as np
   path = tmp_path / "phi.gguf"
-  writer = gguf.GGUFWriter(str(path), "phi3")
-  writer.add_tensor("token_embd.weight", np.ones((64, 32), np.float32))
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_tensors_to_file()
-  writer.close()
+  one_tensor_gguf(path, "phi3")
   proc = run_generate(f"--model={path}", "--prompt=hi")
   assert proc.returncode == 2, proc.stderr
   assert proc.stderr.strip() == ("error: GGUF architecture 'phi3' is not supported "
