@@ -103,3 +103,19 @@ def run_generate(*args):
 def random_prompts(lengths, seed=0):
   rng = np.random.default_rng(seed)
   return [rng.integers(3, VOCAB, size=n).tolist() for n in lengths]
+
+
+def assert_greedy_matches_transformers(ours, hf, prompts, steps, stop_ids, min_tokens):
+  """Our greedy `Generator` equals transformers' greedy `generate` on each
+  prompt, up to the first of `stop_ids`, over at least `min_tokens` tokens."""
+  from coreinfer_jax.runtime.generator import Generator
+  gen = Generator(ours.config, ours.params, ours.tokenizer, cache_len=256)
+  for prompt in prompts:
+    ids = gen.encode(prompt)
+    (result,), _ = gen.generate_ids([ids], steps)
+    with torch.no_grad():
+      out = hf.generate(torch.tensor([ids]), max_new_tokens=steps, do_sample=False)[0, len(ids):].tolist()
+    stops = [i for i, t in enumerate(out) if t in stop_ids]
+    expected = out[:stops[0]] if stops else out
+    assert result.token_ids == expected, prompt
+    assert len(expected) >= min_tokens, "the comparison should cover a real continuation"

@@ -20,6 +20,7 @@ core-neuron selection ranks is decided here once (`NeuronValues`).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional, Tuple, Union
 
 import jax
@@ -116,19 +117,22 @@ class NeuronValues(NamedTuple):
 
   `values` is what the paper's signed rule ranks (h for gated FFNs; for ReLU
   FFNs the fc1 output before the ReLU, as the official code); `h` is the
-  activation itself (what magnitude and GRIFFIN rank). For SwiGLU they are
-  the same array."""
+  activation itself (what magnitude and GRIFFIN rank). For gated FFNs they
+  are the same array."""
   values: jax.Array
   h: jax.Array
+
+
+# The gate's activation of each gated `ModelConfig.ffn_activation`.
+_GATE_ACTIVATIONS = {"silu_gated": jax.nn.silu,
+                     "gelu_tanh_gated": functools.partial(jax.nn.gelu, approximate=True)}
 
 
 def neuron_values(config: ModelConfig, ffn: FFN, x_BTD: jax.Array) -> NeuronValues:
   up, gate = ffn.project_in(x_BTD)
   if config.ffn_activation == "relu":
     return NeuronValues(up, jax.nn.relu(up))
-  gate_act = {"silu_gated": jax.nn.silu,
-              "gelu_tanh_gated": lambda g: jax.nn.gelu(g, approximate=True)}[config.ffn_activation]
-  h = gate_act(gate) * up
+  h = _GATE_ACTIVATIONS[config.ffn_activation](gate) * up
   return NeuronValues(h, h)
 
 

@@ -14,6 +14,7 @@ from coreinfer_jax.checkpoint import named, params_from_hf_tensors
 from coreinfer_jax.core.policy import Stability
 from coreinfer_jax.core.spec import core_spec
 from coreinfer_jax.runtime.generator import Generator
+from tests.conftest import assert_greedy_matches_transformers
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.slow
@@ -43,16 +44,7 @@ def test_gguf_tensors_equal_transformers_gguf_loading(pair):
 
 def test_greedy_generation_matches_transformers(pair):
   ours, hf = pair
-  gen = Generator(ours.config, ours.params, ours.tokenizer, cache_len=128)
-  for prompt in PROMPTS:
-    ids = gen.encode(prompt)
-    (result,), _ = gen.generate_ids([ids], 24)
-    with torch.no_grad():
-      out = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
-    stops = [i for i, t in enumerate(out) if t in ours.config.eos_token_ids]
-    expected = out[:stops[0]] if stops else out
-    assert result.token_ids == expected, prompt
-    assert len(expected) >= 16, "the comparison should cover a real continuation"
+  assert_greedy_matches_transformers(ours, hf, PROMPTS, 24, ours.config.eos_token_ids, min_tokens=16)
 
 
 def test_beta_one_equals_dense(pair):

@@ -11,8 +11,7 @@ import pytest
 
 from coreinfer_jax.checkpoint import load as loading
 from coreinfer_jax.checkpoint import params_from_hf_tensors
-from coreinfer_jax.runtime.generator import Generator
-from tests.conftest import REPO
+from tests.conftest import REPO, assert_greedy_matches_transformers
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.slow
@@ -42,15 +41,7 @@ def test_gguf_tensors_equal_transformers_gguf_loading(ours, hf):
 
 
 def test_greedy_generation_matches_transformers(ours, hf):
-  gen = Generator(ours.config, ours.params, ours.tokenizer, cache_len=256)
-  for prompt in PROMPTS:
-    ids = gen.encode(prompt)
-    (result,), _ = gen.generate_ids([ids], 32)
-    with torch.no_grad():
-      out = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
-    expected = out[:out.index(2)] if 2 in out else out
-    assert result.token_ids == expected, prompt
-    assert len(expected) >= 20, "the comparison should cover a real continuation"
+  assert_greedy_matches_transformers(ours, hf, PROMPTS, 32, stop_ids=(2,), min_tokens=20)
 
 
 def test_gguf_tokenizer_matches_reference_tokenizer(ours):
