@@ -11,6 +11,13 @@ setup(
     packages=find_packages(include=["coreinfer_jax", "coreinfer_jax.*"]),
     package_data={"coreinfer_jax": ["eval/lm_eval_tasks/*.yaml"]},
     python_requires=">=3.10",
+    # The commands, beside `python scripts/NAME.py` (coreinfer_jax/cli/launch.py).
+    entry_points={"console_scripts": [
+        *(f"coreinfer-{name.replace('_', '-')} = coreinfer_jax.cli.launch:{name}"
+          for name in ("analyze", "benchmark", "benchmark_scorer", "calibrate", "cluster",
+                       "evaluate", "generate", "merge_results")),
+        "coreinfer-models = coreinfer_jax.cli.named_models:main",
+    ]},
     install_requires=[
         "jax>=0.9",
         "jaxlib>=0.9",

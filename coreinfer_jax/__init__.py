@@ -11,17 +11,39 @@ The thin public API. The sub-packages show the architecture:
   offline/     clustering, per-layer β calibration
   analysis/    the paper's findings measured, plots
   bench/       bandwidth probe, timing, the transformers reference
-  cli/         flags, the named-config overlay, script entry point
+  cli/         flags, help, output checks, the named-config overlay, entry points
+  commands/    the command-line programs (coreinfer-generate, ...; scripts/*.py)
+
+Importing the package is cheap: each name below imports its module (and JAX)
+when first used, so the command-line entry points can handle Ctrl-C while
+JAX loads.
 """
 
-from coreinfer_jax.checkpoint import LoadedModel, load_config, load_model
-from coreinfer_jax.core.policy import CorePolicy, Dense, Similarity, Stability
-from coreinfer_jax.core.spec import CoreSpec, core_spec
-from coreinfer_jax.eval.scorer import ContinuationScorer
-from coreinfer_jax.model.config import ModelConfig
-from coreinfer_jax.runtime.generator import Generator
-from coreinfer_jax.runtime.sampling import SamplingConfig
+import importlib
 
-__all__ = ["ContinuationScorer", "CorePolicy", "CoreSpec", "Dense", "Generator", "LoadedModel",
-           "ModelConfig", "SamplingConfig", "Similarity", "Stability", "core_spec", "load_config",
-           "load_model"]
+_PUBLIC = {
+    "ContinuationScorer": "coreinfer_jax.eval.scorer",
+    "CorePolicy": "coreinfer_jax.core.policy",
+    "CoreSpec": "coreinfer_jax.core.spec",
+    "Dense": "coreinfer_jax.core.policy",
+    "Generator": "coreinfer_jax.runtime.generator",
+    "LoadedModel": "coreinfer_jax.checkpoint",
+    "ModelConfig": "coreinfer_jax.model.config",
+    "SamplingConfig": "coreinfer_jax.runtime.sampling",
+    "Similarity": "coreinfer_jax.core.policy",
+    "Stability": "coreinfer_jax.core.policy",
+    "core_spec": "coreinfer_jax.core.spec",
+    "load_config": "coreinfer_jax.checkpoint",
+    "load_model": "coreinfer_jax.checkpoint",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name):
+  if name not in _PUBLIC:
+    raise AttributeError(f"module 'coreinfer_jax' has no attribute {name!r}")
+  return getattr(importlib.import_module(_PUBLIC[name]), name)
+
+
+def __dir__():
+  return __all__

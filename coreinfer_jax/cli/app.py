@@ -1,38 +1,55 @@
-"""Running a script: the named-config overlay, one-line user errors, JSON output.
+"""Running a command: flags, help, the named-config overlay, early checks, clean failures.
 
-`run(main)` is every script's entry point. It defines `--config` (a file
-NAME.json in `--configs_dir`) and, once absl has parsed the command line,
-sets every flag the named config names to the config's value unless the flag
-was given on the command line; keys naming no flag of the script are left to
-the scripts that have them. A user error (bad input) prints one line and
-exits with status 2.
+`run(main, ...)` is every command's entry point (`coreinfer-generate` and
+`python scripts/generate.py` alike). In order, before `main` does any work:
+
+- `--help` (`-h`, `--helpshort`) prints the command's docstring and its own
+  flags with their meaning and exits 0; `--helpfull` adds absl's; a flag
+  parsing error prints absl's one line (with its "Did you mean" suggestion)
+  and exits 2;
+- `--config` (a file NAME.json in `--configs_dir`) sets every flag it names
+  that the command line did not set;
+- every output path the command writes is checked (`outputs.check_*`) and
+  every optional dependency its flags ask for is found (`optional.require`).
+
+Then `main` runs. A user error (bad input) prints one line and exits 2;
+Ctrl-C prints one line saying what was saved and how to resume, and exits 130
+without a traceback.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from absl import app, flags
 from absl import logging as absl_logging
 
 from coreinfer_jax import files
 from coreinfer_jax.checkpoint import CheckpointError, ModelCacheError, UnsupportedConfigError
+from coreinfer_jax.cli import help as cli_help
+from coreinfer_jax.cli import optional, outputs
 
 FLAGS = flags.FLAGS
 
 # Errors a user can cause with bad input: reported in one line, exit status 2.
-# (artefacts.ClusterMismatchError is a ValueError, checkpoint.ModelNotInstalledError a
-# FileNotFoundError.)
-USER_ERRORS = (ValueError, FileNotFoundError, UnsupportedConfigError, CheckpointError,
-               ModelCacheError)
+# (artefacts.ClusterMismatchError and files.InputFileError are ValueErrors,
+# checkpoint.ModelNotInstalledError a FileNotFoundError.)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               PermissionError,
+               UnsupportedConfigError, CheckpointError, ModelCacheError,
+               optional.MissingDependencyError)
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 128 + 2   # what a shell reports for SIGINT
 
-# The checkout's configs/ folder (scripts run from a checkout or editable install).
+# The checkout's configs/ folder (commands run from a checkout or editable install).
 REPO_CONFIGS_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+
+# Paths this process has written, for the line printed on Ctrl-C.
+_SAVED: List[str] = []
 
 
 def load_named_config(configs_dir: str, name: str) -> Dict[str, Any]:
@@ -40,8 +57,7 @@ def load_named_config(configs_dir: str, name: str) -> Dict[str, Any]:
   if not os.path.isfile(path):
     available = sorted(f[:-5] for f in os.listdir(configs_dir) if f.endswith(".json"))
     raise FileNotFoundError(f"no config named {name!r} in {configs_dir} (available: {available})")
-  with open(path) as fh:
-    return json.load(fh)
+  return files.read_json(path)
 
 
 def apply_named_config() -> None:
@@ -65,10 +81,54 @@ def write_json(path: Optional[str], payload: Any) -> None:
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   files.write_json(path, payload)
+  saved(path)
 
 
-def run(main) -> None:
-  """absl's `app.run(main)` with the named-config overlay and one-line errors."""
+def saved(path: str) -> None:
+  """Notes that `path` holds finished work (named on Ctrl-C)."""
+  if path not in _SAVED:
+    _SAVED.append(path)
+
+
+def _parse_flags(command_module: str) -> Callable[[List[str]], List[str]]:
+  def parse(argv: List[str]) -> List[str]:
+    given = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+    if any(a in ("--help", "-h", "-?", "--helpshort") for a in given):
+      print(cli_help.command_help(command_module, full=False))
+      sys.exit(0)
+    if "--helpfull" in given:
+      print(cli_help.command_help(command_module, full=True))
+      sys.exit(0)
+    try:
+      return FLAGS(argv)
+    except flags.Error as e:
+      message = " ".join(str(e).split())
+      print(f"error: {message} (--help lists this command's flags)", file=sys.stderr)
+      sys.exit(EXIT_USAGE)
+  return parse
+
+
+def _interrupted(resume: Optional[str]) -> None:
+  """One line on Ctrl-C, then exit 130 without unwinding XLA's threads."""
+  what = f"saved {', '.join(_SAVED)}" if _SAVED else "nothing was saved"
+  hint = f"; {resume}" if _SAVED and resume else ""
+  print(f"\ninterrupted: {what}{hint}", file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  # A normal exit would tear down the interpreter while XLA may still be
+  # compiling on its own threads (seen to crash); every file written so far was
+  # written atomically, so there is nothing left to flush.
+  os._exit(EXIT_INTERRUPTED)
+
+
+def run(main: Callable[[Sequence[str]], Any], *, output_files: Sequence[str] = (),
+        output_dirs: Sequence[str] = (), requires: Sequence[optional.Requirement] = (),
+        resume: Optional[str] = None) -> None:
+  """absl's `app.run(main)` with the checks above.
+
+  output_files / output_dirs: names of the flags holding paths the command
+  writes (a file, a folder); requires: optional dependencies, each needed when
+  its flag is set; resume: how a rerun resumes, said on Ctrl-C."""
   if "config" not in FLAGS:
     flags.DEFINE_string("config", "default", "named config: a file NAME.json in --configs_dir "
                         "whose keys set flags not given on the command line")
@@ -81,8 +141,21 @@ def run(main) -> None:
       absl_logging.set_verbosity(absl_logging.WARNING)
     try:
       apply_named_config()
+      for name in output_files:
+        outputs.check_file(FLAGS[name].value, f"--{name}")
+      for name in output_dirs:
+        outputs.check_dir(FLAGS[name].value, f"--{name}")
+      for requirement in requires:
+        if FLAGS[requirement.flag].value:
+          optional.require(requirement)
       return main(argv)
     except USER_ERRORS as e:
       print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-  app.run(wrapped)
+      sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+      _interrupted(resume)
+
+  try:
+    app.run(wrapped, flags_parser=_parse_flags(main.__module__))
+  except KeyboardInterrupt:   # before main: importing, parsing
+    _interrupted(resume)

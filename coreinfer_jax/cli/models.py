@@ -33,7 +33,7 @@ def model_config(model: Optional[str], shape: Optional[str] = None, configs_dir:
 
 
 def load(model: Optional[str], dtype, shape: Optional[str] = None, configs_dir: str = "",
-         num_layers: Optional[int] = None, seed: int = 0):
+         num_layers: Optional[int] = None, seed: int = 0, with_tokenizer: bool = True):
   """(LoadedModel, load seconds). A `shape` gives random weights, no tokenizer."""
   t0 = time.perf_counter()
   if shape:
@@ -41,5 +41,5 @@ def load(model: Optional[str], dtype, shape: Optional[str] = None, configs_dir: 
     m = checkpoint.LoadedModel(config, checkpoint.random_params(config, seed, dtype), None,
                                f"random:{shape}", model_fingerprint(model, shape, seed))
   else:
-    m = checkpoint.load_model(model, dtype)
+    m = checkpoint.load_model(model, dtype, with_tokenizer)
   return m, time.perf_counter() - t0

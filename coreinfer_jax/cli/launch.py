@@ -1,0 +1,39 @@
+"""The commands' entry points (`coreinfer-generate`, ..., and `scripts/*.py`).
+
+This module imports nothing heavy: until the command's module (and with it JAX)
+is imported, Ctrl-C ends the process with one line and exit status 130; after
+that, `app.run` handles it (saying what was saved).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import signal
+import sys
+
+COMMANDS = ("analyze", "benchmark", "benchmark_scorer", "calibrate", "cluster", "evaluate",
+            "generate", "merge_results")
+
+
+def _interrupted_while_starting(signum, frame):
+  del signum, frame
+  print("\ninterrupted while starting: nothing was saved", file=sys.stderr)
+  sys.stderr.flush()
+  os._exit(128 + signal.SIGINT)
+
+
+def launch(name: str) -> None:
+  """Imports `coreinfer_jax.commands.NAME` and runs it."""
+  # transformers' "PyTorch was not found" advice, printed on import: we use
+  # its tokenizers only (torch is needed by --compare_hf, which says so).
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+  previous = signal.signal(signal.SIGINT, _interrupted_while_starting)
+  command = importlib.import_module(f"coreinfer_jax.commands.{name}")
+  signal.signal(signal.SIGINT, previous)
+  command.entry()
+
+
+analyze, benchmark, benchmark_scorer, calibrate, cluster, evaluate, generate, merge_results = (
+    functools.partial(launch, name) for name in COMMANDS)

@@ -1,0 +1,71 @@
+"""Continuation-scorer throughput: multiple-choice examples per second for many methods.
+
+  python scripts/benchmark_scorer.py --data_dir=../shared/data --task=arc_easy --limit=50 \
+      --methods=dense,stability,similarity --cluster_dir=clusters/tqa \
+      --betas=0.8,0.6,0.4 --scorings=signed,magnitude,griffin --layer_sets=paper,all \
+      --beta_file=docs/smollm2_beta_greedy_valid_search.json --beta_file_scorings=griffin
+
+The method flags are evaluate.py's. The examples are scored once to compile
+every (context, continuation) bucket pair, then scored again, timed, for
+--rounds rounds: the median examples/s excludes compilation. The scores of
+every round must agree (they are deterministic). `host_cpu_seconds_per_example`
+is the CPU time of the calling thread (Python, tracing-free dispatch, host
+arrays) per example: the host's share, which stays small when the scorer is
+device-bound (the computation itself runs on XLA's own threads).
+"""
+
+import json
+import statistics
+import time
+
+import numpy as np
+from absl import flags
+
+from coreinfer_jax.cli import app, models
+from coreinfer_jax.eval import runners, tasks
+from coreinfer_jax.eval.scorer import ContinuationScorer
+from coreinfer_jax.runtime.batching import resolve_dtype
+from coreinfer_jax.commands import evaluate  # its method flags and builder
+
+flags.DEFINE_string("task", "arc_easy", "a multiple-choice task")
+flags.DEFINE_integer("rounds", 3, "timed passes over the examples")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  task = tasks.get_task(FLAGS.task)
+  if task.kind != "multiple_choice":
+    raise ValueError(f"--task {FLAGS.task} is not a multiple-choice task")
+  if not FLAGS.data_dir:
+    raise ValueError("--data_dir is required (the shared data folder)")
+  config = models.model_config(FLAGS.model)
+  policies = evaluate.build_policies(config, models.model_fingerprint(FLAGS.model))
+  m, _ = models.load(FLAGS.model, resolve_dtype(FLAGS.dtype))
+  scorer = ContinuationScorer(m.config, m.params, policies, cache_len=FLAGS.cache_len,
+                              buckets=[int(b) for b in FLAGS.buckets],
+                              continuation_buckets=[int(b) for b in FLAGS.continuation_buckets])
+  examples = tasks.load_examples(task, FLAGS.data_dir, FLAGS.limit, FLAGS.num_fewshot)
+  t0 = time.perf_counter()
+  first = runners.evaluate_choices(scorer, m.tokenizer, examples, task.name, progress=False)
+  warm_seconds = time.perf_counter() - t0
+  rates, host = [], []
+  for _ in range(FLAGS.rounds):
+    t0, host0 = time.perf_counter(), time.thread_time()
+    again = runners.evaluate_choices(scorer, m.tokenizer, examples, task.name, progress=False)
+    rates.append(len(examples) / (time.perf_counter() - t0))
+    host.append((time.thread_time() - host0) / len(examples))
+    if [r.metrics for r in again] != [r.metrics for r in first]:
+      raise RuntimeError("scores changed between rounds")
+  result = {"task": task.name, "examples": len(examples), "methods": len(policies),
+            "first_pass_seconds": warm_seconds, "examples_per_second": statistics.median(rates),
+            "rounds": rates,
+            "host_cpu_seconds_per_example": statistics.median(host),
+            "compiles": dict(scorer.compiled.compiles),
+            "acc_norm_mean": float(np.mean([r.metrics["acc_norm"] for r in first]))}
+  print(json.dumps(result))
+  app.write_json(FLAGS.json_out, result)
+
+
+def entry():
+  app.run(main, output_files=["json_out"])

@@ -1,0 +1,147 @@
+"""Generates text, streaming it, and reports prefill time and decode speed.
+
+  python scripts/generate.py --prompt="The capital of France is"
+  python scripts/generate.py --prompts_file=prompts.txt --json_out=out.json
+  python scripts/generate.py --prompt="..." --method=stability --beta=0.4 --scoring=magnitude
+  python scripts/generate.py --prompt="..." --method=similarity --cluster_dir=clusters/tqa
+  coreinfer-generate --prompt="Write a haiku." --chat --stop="\\n\\n"
+
+Backslash escapes in --prompt and --stop are read as in a Python string
+(`--stop="\\n\\n"` stops at a blank line; `\\\\` is one backslash).
+Prompts are tokenized and checked against --cache_len before the weights load.
+"""
+
+import dataclasses
+import sys
+
+from absl import flags
+
+from coreinfer_jax import checkpoint, files
+from coreinfer_jax.cli import app, escapes, models
+from coreinfer_jax.cli import flags as cli_flags
+from coreinfer_jax.core import methods
+from coreinfer_jax.runtime import prompts as prompt_encoding
+from coreinfer_jax.runtime.batching import DEFAULT_BUCKETS, pick_bucket, resolve_dtype
+from coreinfer_jax.runtime.generator import Generator
+from coreinfer_jax.runtime.sampling import SamplingConfig
+
+cli_flags.define_model_flags()
+cli_flags.define_core_flags()
+flags.DEFINE_string("prompt", None, f"the prompt; {escapes.HELP}")
+flags.DEFINE_string("prompts_file", None, "a UTF-8 file of prompts, one per line (taken as "
+                    "written: no escapes), run one after another")
+flags.DEFINE_integer("max_new_tokens", 64, "most tokens to generate per prompt")
+flags.DEFINE_float("temperature", 0.0, "0: greedy")
+flags.DEFINE_integer("top_k", 0, "0: off")
+flags.DEFINE_float("top_p", 1.0, "1: off")
+flags.DEFINE_integer("seed", 0, "sampling seed")
+flags.DEFINE_multi_string("stop", [], f"stop string (repeatable); {escapes.HELP}")
+flags.DEFINE_boolean("chat", False, "wrap the prompt in the tokenizer's chat template")
+flags.DEFINE_boolean("stream", True, "print text as it is generated")
+flags.DEFINE_string("json_out", None, "write results as JSON here")
+flags.DEFINE_boolean("preload_clusters", False, "similarity: gather every cluster's compact "
+                     "FFNs at start (default: each on first use)")
+flags.DEFINE_boolean("time_selection", True, "sparse methods: also run a dense prefill of each "
+                     "prompt, to report the selection's cost (select_gather_seconds)")
+FLAGS = flags.FLAGS
+
+
+def _prompts():
+  if (FLAGS.prompt is None) == (FLAGS.prompts_file is None):
+    raise ValueError("give exactly one of --prompt or --prompts_file")
+  if FLAGS.prompt is not None:
+    if not FLAGS.prompt.strip():
+      raise ValueError("--prompt is empty")
+    return [escapes.unescape(FLAGS.prompt)]
+  prompts = [line for line in files.read_text(FLAGS.prompts_file).splitlines() if line.strip()]
+  if not prompts:
+    raise ValueError(f"{FLAGS.prompts_file} holds no prompts")
+  return prompts
+
+
+def _stop_strings():
+  stops = [escapes.unescape(s) for s in FLAGS.stop]
+  if any(not s for s in stops):
+    raise ValueError("--stop is empty")
+  return stops
+
+
+def _encode_all(tokenizer, prompts, s):
+  """Token ids of every prompt, each checked to fit the cache with its new tokens."""
+  encoded = []
+  for number, prompt in enumerate(prompts, 1):
+    ids = prompt_encoding.encode(tokenizer, prompt, s["chat"])
+    try:
+      pick_bucket(len(ids), s["max_new_tokens"], s["cache_len"], DEFAULT_BUCKETS)
+    except ValueError as e:
+      where = "" if len(prompts) == 1 else f"prompt {number} of {FLAGS.prompts_file}: "
+      raise ValueError(f"{where}{e} (raise --cache_len or lower --max_new_tokens)") from None
+    encoded.append(ids)
+  return encoded
+
+
+def main(argv):
+  del argv
+  s = app.settings(["dtype", "cache_len", "max_new_tokens", "temperature", "top_k", "top_p",
+                    "seed", "chat"] + cli_flags.CORE_FLAGS)
+  if s["max_new_tokens"] < 1:
+    raise ValueError(f"--max_new_tokens must be at least 1, got {s['max_new_tokens']}")
+  sampling = SamplingConfig(s["temperature"], s["top_k"], s["top_p"])
+  prompts = _prompts()
+  stop_strings = _stop_strings()
+  config = models.model_config(FLAGS.model)
+  policy = methods.policy_for(s["method"], s, config, cluster_dir=s["cluster_dir"],
+                              fingerprint=models.model_fingerprint(FLAGS.model))
+  core = policy.spec
+  tokenizer = checkpoint.load_tokenizer(checkpoint.model_path(FLAGS.model))
+  prompt_ids = _encode_all(tokenizer, prompts, s)
+  m, load_seconds = models.load(FLAGS.model, resolve_dtype(s["dtype"]), with_tokenizer=False)
+  m = dataclasses.replace(m, tokenizer=tokenizer)
+  print(f"[loaded {m.path} in {load_seconds:.1f}s]", file=sys.stderr)
+  if core:
+    print(f"[{s['method']}: {core.summary()}]", file=sys.stderr)
+  gen = Generator(m.config, m.params, m.tokenizer, cache_len=s["cache_len"], sampling=sampling,
+                  seed=s["seed"], policy=policy, preload=FLAGS.preload_clusters,
+                  time_selection=FLAGS.time_selection)
+  records = []
+  for prompt, ids in zip(prompts, prompt_ids):
+    if FLAGS.stream:   # a chat answer is a turn of its own, not the prompt's continuation
+      print(prompt, end="\n" if s["chat"] else "", flush=True)
+    on_text = (lambda b, piece: print(piece, end="", flush=True)) if FLAGS.stream else None
+    (result,), stats = gen.generate_ids([ids], s["max_new_tokens"], stop_strings=stop_strings,
+                                        on_text=on_text)
+    print("" if FLAGS.stream else result.text)
+    select_gather = (None if stats.select_seconds is None
+                     else stats.select_seconds + stats.gather_seconds)
+    print(f"[prompt {result.prompt_tokens} tokens, prefill {stats.prefill_seconds * 1e3:.1f} ms"
+          + ("" if select_gather is None else f" (select + gather {select_gather * 1e3:.1f} ms)")
+          + ("" if core is None else f" (gather {stats.gather_seconds * 1e3:.1f} ms)")
+          + ("" if stats.cluster_ids is None else f" (cluster {stats.cluster_ids[0]})") + ", "
+          f"{len(result.token_ids)} new tokens, decode {stats.decode_tokens_per_second:.1f} tokens/s, "
+          f"stop: {result.finish_reason}]", file=sys.stderr)
+    records.append({
+        "text": result.text,
+        "token_ids": result.token_ids,
+        "prompt_tokens": result.prompt_tokens,
+        "finish_reason": result.finish_reason,
+        "prefill_seconds": stats.prefill_seconds,
+        "select_gather_seconds": select_gather,
+        "gather_seconds": stats.gather_seconds if core else None,
+        "ffn_bytes_fraction": stats.ffn_bytes_fraction,
+        "decode_tokens_per_second": stats.decode_tokens_per_second,
+        "decode_compiles": gen.compiled.compiles["decode"],
+        "cluster_id": None if stats.cluster_ids is None else stats.cluster_ids[0],
+    })
+  compile_seconds = dict(gen.compiled.compile_seconds)
+  print(f"[compiles {dict(gen.compiled.compiles)}, compile seconds "
+        f"{ {k: round(v, 2) for k, v in compile_seconds.items()} }, load {load_seconds:.1f}s]",
+        file=sys.stderr)
+  payload = records[0] if len(records) == 1 else {"results": records}
+  payload.update(model=m.path, method=s["method"], core=core.summary() if core else None,
+                 load_seconds=load_seconds, compile_seconds=compile_seconds,
+                 decode_compiles=gen.compiled.compiles["decode"])
+  app.write_json(FLAGS.json_out, payload)
+
+
+def entry():
+  app.run(main, output_files=["json_out"])
