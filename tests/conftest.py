@@ -95,9 +95,14 @@ def tiny_llama_with_tokenizer(tiny_llama, tmp_path):
   return with_tokenizer(tiny_llama, tmp_path / "with_tokenizer")
 
 
+def run_script(script, *args, timeout=300):
+  """Runs scripts/SCRIPT with `args`, capturing its output."""
+  return subprocess.run([sys.executable, os.path.join(REPO, "scripts", script), *args],
+                        capture_output=True, text=True, timeout=timeout)
+
+
 def run_generate(*args):
-  return subprocess.run([sys.executable, os.path.join(REPO, "scripts", "generate.py"), *args],
-                        capture_output=True, text=True, timeout=300)
+  return run_script("generate.py", *args)
 
 
 def random_prompts(lengths, seed=0):

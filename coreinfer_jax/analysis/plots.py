@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import Dict
 
 import numpy as np
+
+from coreinfer_jax import files
 
 
 def _pyplot():
@@ -12,6 +15,13 @@ def _pyplot():
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   return plt
+
+
+def _save(plt, fig, path: str, **savefig_args) -> None:
+  """Writes the figure atomically (its format from `path`'s extension), then closes it."""
+  suffix = os.path.splitext(path)[1]
+  files.write_atomically(path, lambda tmp: fig.savefig(tmp, **savefig_args), suffix=suffix)
+  plt.close(fig)
 
 
 def stability(result: Dict, path: str, title: str) -> None:
@@ -32,8 +42,7 @@ def stability(result: Dict, path: str, title: str) -> None:
          ylim=(0, 1), title=title)
   ax.legend(loc="lower right")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save(plt, fig, path, dpi=120)
 
 
 def similarity(result: Dict, focus: Dict, path: str, title: str) -> None:
@@ -68,8 +77,7 @@ def similarity(result: Dict, focus: Dict, path: str, title: str) -> None:
   ax.legend()
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save(plt, fig, path, dpi=120)
 
 
 def held_out(result: Dict, path: str, title: str) -> None:
@@ -85,8 +93,7 @@ def held_out(result: Dict, path: str, title: str) -> None:
   ax.set(xlabel="layer", ylabel="overlap with the prompt's own core set", ylim=(0, 1), title=title)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save(plt, fig, path, dpi=120)
 
 
 def frontier(records, path: str, title: str) -> None:
@@ -133,5 +140,4 @@ def frontier(records, path: str, title: str) -> None:
   # Below the panels, however many rows it takes; the tight bounding box keeps it.
   legend = fig.legend(handles, labels, loc="upper center", ncol=min(3, len(labels)), fontsize=7,
                       bbox_to_anchor=(0.5, 0))
-  fig.savefig(path, dpi=110, bbox_inches="tight", bbox_extra_artists=[legend])
-  plt.close(fig)
+  _save(plt, fig, path, dpi=110, bbox_inches="tight", bbox_extra_artists=[legend])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -85,9 +86,14 @@ def write_json(path: Optional[str], payload: Any) -> None:
 
 
 def saved(path: str) -> None:
-  """Notes that `path` holds finished work (named on Ctrl-C)."""
+  """Notes that `path` (a file, or a folder of finished pieces) holds finished
+  work: named on Ctrl-C if it exists then and is not an empty folder."""
   if path not in _SAVED:
     _SAVED.append(path)
+
+
+def _holds_work(path: str) -> bool:
+  return os.path.isfile(path) or (os.path.isdir(path) and bool(os.listdir(path)))
 
 
 def _parse_flags(command_module: str) -> Callable[[List[str]], List[str]]:
@@ -108,17 +114,25 @@ def _parse_flags(command_module: str) -> Callable[[List[str]], List[str]]:
   return parse
 
 
-def _interrupted(resume: Optional[str]) -> None:
-  """One line on Ctrl-C, then exit 130 without unwinding XLA's threads."""
-  what = f"saved {', '.join(_SAVED)}" if _SAVED else "nothing was saved"
-  hint = f"; {resume}" if _SAVED and resume else ""
-  print(f"\ninterrupted: {what}{hint}", file=sys.stderr)
-  sys.stdout.flush()
-  sys.stderr.flush()
-  # A normal exit would tear down the interpreter while XLA may still be
-  # compiling on its own threads (seen to crash); every file written so far was
-  # written atomically, so there is nothing left to flush.
-  os._exit(EXIT_INTERRUPTED)
+def _interrupt_handler(resume: Optional[str]):
+  """SIGINT's handler: one line saying what was saved, then exit 130.
+
+  It exits from the handler itself rather than raising KeyboardInterrupt: an
+  exception raised while a garbage-collection callback runs (JAX has one) is
+  printed and ignored, so the run would carry on; and unwinding would tear
+  down the interpreter while XLA may still be compiling on its own threads
+  (seen to crash). Every file written so far was written atomically, so
+  there is nothing to flush."""
+  def handler(signum, frame):
+    del signum, frame
+    kept = [path for path in _SAVED if _holds_work(path)]
+    what = f"saved {', '.join(kept)}" if kept else "nothing was saved"
+    hint = f"; {resume}" if kept and resume else ""
+    print(f"\ninterrupted: {what}{hint}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
+  return handler
 
 
 def run(main: Callable[[Sequence[str]], Any], *, output_files: Sequence[str] = (),
@@ -152,10 +166,6 @@ def run(main: Callable[[Sequence[str]], Any], *, output_files: Sequence[str] = (
     except USER_ERRORS as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(EXIT_USAGE)
-    except KeyboardInterrupt:
-      _interrupted(resume)
 
-  try:
-    app.run(wrapped, flags_parser=_parse_flags(main.__module__))
-  except KeyboardInterrupt:   # before main: importing, parsing
-    _interrupted(resume)
+  signal.signal(signal.SIGINT, _interrupt_handler(resume))
+  app.run(wrapped, flags_parser=_parse_flags(main.__module__))

@@ -1,8 +1,8 @@
 """The commands' entry points (`coreinfer-generate`, ..., and `scripts/*.py`).
 
 This module imports nothing heavy: until the command's module (and with it JAX)
-is imported, Ctrl-C ends the process with one line and exit status 130; after
-that, `app.run` handles it (saying what was saved).
+is imported, Ctrl-C ends the process with one line and exit status 130; then
+`app.run` installs its own handler (which says what was saved).
 """
 
 from __future__ import annotations
@@ -29,10 +29,8 @@ def launch(name: str) -> None:
   # transformers' "PyTorch was not found" advice, printed on import: we use
   # its tokenizers only (torch is needed by --compare_hf, which says so).
   os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-  previous = signal.signal(signal.SIGINT, _interrupted_while_starting)
-  command = importlib.import_module(f"coreinfer_jax.commands.{name}")
-  signal.signal(signal.SIGINT, previous)
-  command.entry()
+  signal.signal(signal.SIGINT, _interrupted_while_starting)
+  importlib.import_module(f"coreinfer_jax.commands.{name}").entry()
 
 
 analyze, benchmark, benchmark_scorer, calibrate, cluster, evaluate, generate, merge_results = (

@@ -21,7 +21,8 @@ TORCH = "torch==2.13.0"
 
 
 def require(requirement: Requirement) -> None:
-  """Raises `MissingDependencyError` unless `requirement.module` is importable."""
+  """Raises `MissingDependencyError` unless `requirement.module` is importable
+  (found without importing it)."""
   if importlib.util.find_spec(requirement.module) is None:
     raise MissingDependencyError(
         f"--{requirement.flag} needs the {requirement.module} package, which is not installed: "

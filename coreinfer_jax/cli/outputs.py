@@ -46,3 +46,8 @@ def check_dir(path: Optional[str], flag: str) -> None:
   if os.path.exists(path) and not os.path.isdir(path):
     raise NotADirectoryError(f"{flag}: {path} is a file; give a folder")
   _check_creatable(os.path.abspath(path), flag)
+
+
+def markdown_path(markdown_out: Optional[str], json_out: str) -> str:
+  """`--markdown_out`, or by default the JSON's path with .md."""
+  return markdown_out or os.path.splitext(json_out)[0] + ".md"

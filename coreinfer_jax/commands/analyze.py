@@ -53,6 +53,23 @@ FLAGS = flags.FLAGS
 
 DEFAULT_LIMITS = {"stability": 32, "similarity": 300}
 
+# Work folders of finished prefill batches, removed once the results are written.
+_WORK_DIRS = []
+
+
+def _statistics(m, plan, texts, max_tokens):
+  """`clustering.collect_statistics` over `texts`, each finished batch saved in
+  a work folder of --out_dir so that an interrupted analysis resumes."""
+  key = clustering.run_key(m.fingerprint, dataclasses.asdict(plan), texts, FLAGS.batch_size,
+                           max_tokens, FLAGS.dtype)
+  work_dir = os.path.join(FLAGS.out_dir, f".partial-{FLAGS.analysis}-{key}")
+  _WORK_DIRS.append(work_dir)
+  app.saved(work_dir)
+  return clustering.collect_statistics(m.params, m.config,
+                                       clustering.tokenize(m.tokenizer, texts, max_tokens), plan,
+                                       batch_size=FLAGS.batch_size, work_dir=work_dir,
+                                       progress=True)
+
 
 def _stability(m, spec):
   data = cli_flags.texts_from_flags(FLAGS.limit or DEFAULT_LIMITS["stability"])
@@ -73,9 +90,7 @@ def _similarity(m, spec):
   if focus not in layer_k:
     raise ValueError(f"layer {focus} is not among the analysed layers {sorted(layer_k)}")
   plan = clustering.StatisticsPlan.for_spec(spec, focus, layer_k[focus])
-  stats = clustering.collect_statistics(m.params, m.config,
-                                        clustering.tokenize(m.tokenizer, data.texts, FLAGS.max_tokens),
-                                        plan, batch_size=FLAGS.batch_size, progress=True)
+  stats = _statistics(m, plan, data.texts, FLAGS.max_tokens)
   relations = {"tfidf_cosine": similarity.tfidf_cosine(data.texts)}
   if FLAGS.embedding_model:
     relations["embedding_cosine"] = similarity.embedding_cosine(data.texts, FLAGS.embedding_model)
@@ -101,9 +116,7 @@ def _held_out(m, cluster_dir):
   _, held = datasets.split_indices(len(data), info["holdout_fraction"], info["split_seed"])
   prompts = data.subset(held).prompts
   plan = clustering.StatisticsPlan.for_spec(art.spec, art.cluster_layer, art.cluster_k)
-  stats = clustering.collect_statistics(m.params, m.config,
-                                        clustering.tokenize(m.tokenizer, prompts, info["max_tokens"]),
-                                        plan, batch_size=FLAGS.batch_size, progress=True)
+  stats = _statistics(m, plan, prompts, info["max_tokens"])
   sets = {i: s for i, s in enumerate(art.layer_sets) if s is not None}
   overlap = held_out.held_out_overlap(stats, art.centroids_CF, sets, m.config.intermediate_size,
                                       FLAGS.seed)
@@ -152,9 +165,13 @@ def main(argv):
   model_name = os.path.basename(m.path)
   plot(png_path, f"{FLAGS.analysis}: {model_name}"
        + ("" if spec is None else f" (β {s['beta']}, α {spec.alpha}, {spec.scoring})"))
+  for work_dir in _WORK_DIRS:
+    clustering.clear_work_dir(work_dir)
   print(f"[wrote {json_path} and {png_path}]")
 
 
 def entry():
   app.run(main, output_dirs=["out_dir"],
-          requires=[optional.Requirement("embedding_model", "sentence_transformers", "sentence-transformers")])
+          requires=[optional.Requirement("embedding_model", "sentence_transformers",
+                                         "sentence-transformers")],
+          resume="rerun the same command to reuse the finished prefill batches")

@@ -23,6 +23,11 @@ Calibrate on text that is not evaluated (evaluate.py refuses a β file whose
 windows of its WikiText-2 test file, searched or held out, overlap the
 windows it evaluates). --reuse_sensitivity=FILE takes the
 measured table from an earlier output with the same model and settings.
+
+Measurement is saved as it goes, in OUT.partial.json (after each greedy step
+or each batched pass of the additive table): rerunning an interrupted command
+resumes there and gives the β file an uninterrupted run gives; the file is
+removed once OUT is written.
 """
 
 from __future__ import annotations
@@ -32,11 +37,12 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
-
 
 from absl import flags
 
+from coreinfer_jax import files
 from coreinfer_jax.cli import app, models
 from coreinfer_jax.cli import flags as cli_flags
 from coreinfer_jax.core.cost import kept_rows_fraction
@@ -100,9 +106,35 @@ def data_record(fingerprint: str):
   return record
 
 
+def partial_identity(record: dict) -> dict:
+  """What an interrupted run's saved measurements depend on."""
+  return dict(record, target_ffn_fraction=FLAGS.target_ffn_fraction, max_loss=FLAGS.max_loss,
+              rows_per_pass=FLAGS.rows_per_pass, dtype=FLAGS.dtype)
+
+
+def partial_path() -> str:
+  return f"{FLAGS.out}.partial.json"
+
+
+def load_partial(identity: dict) -> dict:
+  """The measurements an interrupted run of the same settings saved (or none)."""
+  path = partial_path()
+  if not os.path.exists(path):
+    return {}
+  saved = files.read_json(path)
+  if saved.get("identity") != identity:
+    print(f"[{path} was measured with other settings: starting afresh]", file=sys.stderr)
+    return {}
+  print(f"[resuming from {path}]", file=sys.stderr)
+  return saved
+
+
+def save_partial(identity: dict, **measured) -> None:
+  app.write_json(partial_path(), dict(identity=identity, **measured))
+
+
 def reused(record: dict):
-  with open(FLAGS.reuse_sensitivity) as fh:
-    earlier = json.load(fh)
+  earlier = files.read_json(FLAGS.reuse_sensitivity)
   if earlier.get("calibration") != record:
     diff = [k for k in record if earlier.get("calibration", {}).get(k) != record[k]]
     raise ValueError(f"--reuse_sensitivity {FLAGS.reuse_sensitivity} was measured with other "
@@ -134,6 +166,8 @@ def main(argv):
     raise ValueError("held-out early stopping (--holdout_windows, --reuse_trajectory) needs --max_loss")
   if FLAGS.reuse_trajectory and not FLAGS.holdout_windows:
     raise ValueError("--reuse_trajectory needs --holdout_windows to re-stop it on")
+  identity = partial_identity(record)
+  partial = load_partial(identity)
   if FLAGS.reuse_sensitivity:
     out = additive(reused(record), config)
   else:
@@ -142,7 +176,9 @@ def main(argv):
       out = additive(additive_allocation.measure_sensitivity(
           m.config, m.params, windows_of(m, FLAGS.data, FLAGS.windows, FLAGS.skip_windows),
           betas=[float(b) for b in FLAGS.betas], scoring=FLAGS.scoring, alpha=FLAGS.alpha,
-          layers=layers, rows_per_pass=FLAGS.rows_per_pass, progress=FLAGS.progress), config)
+          layers=layers, rows_per_pass=FLAGS.rows_per_pass, progress=FLAGS.progress,
+          measured=(partial.get("nll", []), partial.get("kl", [])),
+          on_pass=lambda nll, kl: save_partial(identity, nll=nll, kl=kl)), config)
     else:
       if FLAGS.reuse_trajectory:
         out, record = reused_trajectory(record)
@@ -152,7 +188,11 @@ def main(argv):
             scoring=FLAGS.scoring, alpha=FLAGS.alpha, layers=layers, kind=FLAGS.loss,
             target_ffn_fraction=FLAGS.target_ffn_fraction,
             max_loss=None if searched_to_target else FLAGS.max_loss, steps=FLAGS.steps,
-            min_beta=FLAGS.min_beta, rows_per_pass=FLAGS.rows_per_pass, progress=FLAGS.progress))
+            min_beta=FLAGS.min_beta, rows_per_pass=FLAGS.rows_per_pass, progress=FLAGS.progress,
+            resume=[greedy_allocation.GreedyStep(**step)
+                    for step in partial.get("trajectory", [])],
+            on_step=lambda trajectory: save_partial(
+                identity, trajectory=[dataclasses.asdict(step) for step in trajectory])))
       if FLAGS.holdout_windows:
         out = held_out(m, out)
   if all(b is None for b in out["beta"]):
@@ -161,19 +201,19 @@ def main(argv):
   out.update(target={"ffn_fraction": FLAGS.target_ffn_fraction, "max_loss": FLAGS.max_loss},
              calibration=record, seconds=time.perf_counter() - t0)
   app.write_json(FLAGS.out, out)
+  if os.path.exists(partial_path()):
+    os.remove(partial_path())
   print(json.dumps({k: out[k] for k in ("beta", "ffn_fraction", "predicted", "measured") if k in out}))
 
 
 def windows_of(m, path: str, count: int, skip: int):
-  with open(path, encoding="utf-8") as fh:
-    return tasks.text_windows(m.tokenizer, fh.read(), FLAGS.window_context,
-                              FLAGS.window_continuation, count, skip)
+  return tasks.text_windows(m.tokenizer, files.read_text(path), FLAGS.window_context,
+                            FLAGS.window_continuation, count, skip)
 
 
 def reused_trajectory(record: dict):
   """An earlier greedy search (its trajectory and settings) to re-stop."""
-  with open(FLAGS.reuse_trajectory) as fh:
-    earlier = json.load(fh)
+  earlier = files.read_json(FLAGS.reuse_trajectory)
   search = earlier.get("calibration", {})
   if search.get("allocation") != "greedy" or "trajectory" not in earlier:
     raise ValueError(f"--reuse_trajectory {FLAGS.reuse_trajectory} is not a greedy β file")
@@ -228,4 +268,5 @@ def greedy(plan: greedy_allocation.GreedyAllocation) -> dict:
 
 
 def entry():
-  app.run(main, output_files=["out"])
+  app.run(main, output_files=["out"],
+          resume="rerun the same command to resume from the measurements saved")

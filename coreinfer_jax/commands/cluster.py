@@ -98,6 +98,7 @@ def main(argv):
   work_dir = os.path.join(FLAGS.out_dir, f".partial-{key}")
   if not FLAGS.resume:
     clustering.clear_work_dir(work_dir)
+  app.saved(work_dir)
   stats = clustering.collect_statistics(m.params, m.config, token_ids, plan,
                                         batch_size=s["batch_size"], work_dir=work_dir,
                                         progress=FLAGS.progress)
@@ -139,4 +140,5 @@ def main(argv):
 
 
 def entry():
-  app.run(main, output_dirs=["out_dir"])
+  app.run(main, output_dirs=["out_dir"],
+          resume="rerun the same command to reuse the finished batches")

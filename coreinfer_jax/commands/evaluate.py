@@ -9,20 +9,25 @@ prefilled densely and chooses the core neurons; the continuation runs on the
 compact FFNs over the context's cache): see coreinfer_jax/eval/scorer.py.
 Writes a JSON of every number with its n and settings, a Markdown table
 (`--markdown_out`, default beside the JSON) and the frontier plot (`--plot`).
+
+The JSON is rewritten (atomically) after each task: an interrupted or failed
+run keeps every finished task, and rerunning the same command computes only
+the tasks missing from it (`--overwrite` starts afresh). Timings sit apart
+from the results, under "timing", so a resumed run's JSON equals an
+uninterrupted one's except for them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 
-
 from absl import flags
 
+from coreinfer_jax import checkpoint, files
 from coreinfer_jax.analysis import plots
-from coreinfer_jax.cli import app, models
+from coreinfer_jax.cli import app, models, outputs
 from coreinfer_jax.cli import flags as cli_flags
 from coreinfer_jax.core import methods
 from coreinfer_jax.core.policy import Dense, Similarity
@@ -57,6 +62,7 @@ flags.DEFINE_integer("window_continuation", 256, "wikitext: continuation tokens 
 flags.DEFINE_string("json_out", None, "JSON of every result")
 flags.DEFINE_string("markdown_out", None, "Markdown table (default: the JSON's path with .md)")
 flags.DEFINE_string("plot", None, "PNG of each metric against FFN bytes (the frontier)")
+flags.DEFINE_bool("overwrite", False, "replace an existing --json_out instead of resuming it")
 flags.DEFINE_bool("progress", True, "progress bars")
 FLAGS = flags.FLAGS
 
@@ -70,8 +76,7 @@ def check_calibration_disjoint(beta_file: str, data_dir: str) -> None:
   """Calibrated budgets must not be evaluated on the windows they were
   calibrated (or early-stopped) on: any window of the β file's texts that is
   the WikiText-2 test file must lie past the windows evaluated here."""
-  with open(beta_file) as fh:
-    record = json.load(fh)
+  record = files.read_json(beta_file)
   wikitext = os.path.join(data_dir, "wikitext2_raw", "wiki.test.raw")
   if not isinstance(record, dict) or not os.path.exists(wikitext):
     return
@@ -122,45 +127,88 @@ def main(argv):
   config = models.model_config(FLAGS.model)
   fingerprint = models.model_fingerprint(FLAGS.model)
   policies = build_policies(config, fingerprint)
-  m, load_seconds = models.load(FLAGS.model, resolve_dtype(FLAGS.dtype))
-  scorer = ContinuationScorer(m.config, m.params, policies, cache_len=FLAGS.cache_len,
-                              buckets=[int(b) for b in FLAGS.buckets],
-                              continuation_buckets=[int(b) for b in FLAGS.continuation_buckets])
+  run_settings = result_settings(fingerprint)
+  finished = finished_tasks(FLAGS.json_out, run_settings)
+  todo = [t for t in chosen if t.name not in finished]
+  if finished:
+    print(f"[resuming {FLAGS.json_out}: {', '.join(finished)} done; to run: "
+          f"{', '.join(t.name for t in todo) or 'nothing'}]")
+  load_seconds = 0.0
   t0 = time.perf_counter()
-  results = []
-  for task in chosen:
-    if task.kind == "perplexity":
-      windows = tasks.text_windows(m.tokenizer, tasks.wikitext_text(FLAGS.data_dir),
-                                   FLAGS.window_context, FLAGS.window_continuation, FLAGS.windows)
-      results += runners.evaluate_perplexity(scorer, windows, task.name, FLAGS.progress)
-    elif task.kind == "multiple_choice":
-      examples = tasks.load_examples(task, FLAGS.data_dir, FLAGS.limit, FLAGS.num_fewshot)
-      results += runners.evaluate_choices(scorer, m.tokenizer, examples, task.name, FLAGS.progress)
-    else:
-      examples = tasks.load_examples(task, FLAGS.data_dir, FLAGS.generation_limit or FLAGS.limit,
-                                     FLAGS.num_fewshot)
-      results += runners.evaluate_generation(scorer, m.tokenizer, task, examples, FLAGS.progress)
-    partial = [r.record() for r in results]
-    app.write_json(FLAGS.json_out, {"settings": settings(fingerprint, load_seconds, t0),
-                                    "results": partial})
-  records = [r.record() for r in results]
+  if todo:
+    m, load_seconds = models.load(FLAGS.model, resolve_dtype(FLAGS.dtype))
+    scorer = ContinuationScorer(m.config, m.params, policies, cache_len=FLAGS.cache_len,
+                                buckets=[int(b) for b in FLAGS.buckets],
+                                continuation_buckets=[int(b) for b in FLAGS.continuation_buckets])
+  for task in todo:
+    finished[task.name] = [r.record() for r in run_task(task, scorer, m.tokenizer)]
+    app.write_json(FLAGS.json_out, payload(run_settings, finished, chosen, {
+        "load_seconds": load_seconds, "eval_seconds": time.perf_counter() - t0}))
+  records = [r for name in task_order(finished, chosen) for r in finished[name]]
   table = frontier.markdown_table(records)
   print(table)
   if FLAGS.json_out:
-    with open(FLAGS.markdown_out or os.path.splitext(FLAGS.json_out)[0] + ".md", "w") as fh:
-      fh.write(table)
+    files.write_text(outputs.markdown_path(FLAGS.markdown_out, FLAGS.json_out), table)
   if FLAGS.plot:
-    plots.frontier(records, FLAGS.plot, f"{os.path.basename(m.path)}: quality vs FFN bytes")
+    name = os.path.basename(checkpoint.model_path(FLAGS.model))
+    plots.frontier(records, FLAGS.plot, f"{name}: quality vs FFN bytes")
 
 
-def settings(fingerprint, load_seconds, t0):
-  names = ["model", "tasks", "methods", "betas", "scorings", "layer_sets", "alpha", "beta_file",
-           "beta_file_scorings", "buckets", "continuation_buckets",
-           "cluster_dir", "data_dir", "limit", "generation_limit", "num_fewshot", "windows",
-           "window_context", "window_continuation", "cache_len", "dtype"]
-  return dict({n: FLAGS[n].value for n in names}, fingerprint=fingerprint,
-              load_seconds=load_seconds, eval_seconds=time.perf_counter() - t0)
+def run_task(task, scorer, tokenizer):
+  if task.kind == "perplexity":
+    windows = tasks.text_windows(tokenizer, tasks.wikitext_text(FLAGS.data_dir),
+                                 FLAGS.window_context, FLAGS.window_continuation, FLAGS.windows)
+    return runners.evaluate_perplexity(scorer, windows, task.name, FLAGS.progress)
+  if task.kind == "multiple_choice":
+    examples = tasks.load_examples(task, FLAGS.data_dir, FLAGS.limit, FLAGS.num_fewshot)
+    return runners.evaluate_choices(scorer, tokenizer, examples, task.name, FLAGS.progress)
+  examples = tasks.load_examples(task, FLAGS.data_dir, FLAGS.generation_limit or FLAGS.limit,
+                                 FLAGS.num_fewshot)
+  return runners.evaluate_generation(scorer, tokenizer, task, examples, FLAGS.progress)
+
+
+# Every flag a result depends on (the task list is not one: a rerun may add tasks).
+RESULT_SETTINGS = ["model", "methods", "betas", "scorings", "layer_sets", "alpha", "beta_file",
+                   "beta_file_scorings", "buckets", "continuation_buckets", "cluster_dir",
+                   "data_dir", "limit", "generation_limit", "num_fewshot", "windows",
+                   "window_context", "window_continuation", "cache_len", "dtype"]
+
+
+def result_settings(fingerprint):
+  return dict({n: FLAGS[n].value for n in RESULT_SETTINGS}, fingerprint=fingerprint)
+
+
+def finished_tasks(path, run_settings):
+  """Records by task already in `path` from a run of the same settings; a file
+  of other settings is refused (finished work is not overwritten silently)."""
+  if not path or not os.path.exists(path) or FLAGS.overwrite:
+    return {}
+  saved = files.read_json(path)
+  earlier = {k: v for k, v in saved.get("settings", {}).items() if k != "tasks"}
+  if earlier != run_settings:
+    differ = sorted(k for k in set(earlier) | set(run_settings)
+                    if earlier.get(k) != run_settings.get(k))
+    raise ValueError(f"--json_out {path} holds results of other settings ({', '.join(differ)} "
+                     "differ): choose another path, or --overwrite to replace it")
+  finished = {}
+  for record in saved["results"]:
+    finished.setdefault(record["task"], []).append(record)
+  return finished
+
+
+def task_order(finished, chosen):
+  """The chosen tasks in their order, then tasks an earlier run saved."""
+  names = [t.name for t in chosen if t.name in finished]
+  return names + [name for name in finished if name not in names]
+
+
+def payload(run_settings, finished, chosen, timing):
+  order = task_order(finished, chosen)
+  return {"settings": dict(run_settings, tasks=order),
+          "results": [r for name in order for r in finished[name]],
+          "timing": timing}
 
 
 def entry():
-  app.run(main, output_files=["json_out", "markdown_out", "plot"])
+  app.run(main, output_files=["json_out", "markdown_out", "plot"],
+          resume="rerun the same command to run only the tasks not saved")

@@ -11,14 +11,14 @@ agrees with the first measurement to 1e-3 (relative), and is an error if not.
 
 from __future__ import annotations
 
-import json
 import os
 
 
 from absl import flags
 
+from coreinfer_jax import files
 from coreinfer_jax.analysis import plots
-from coreinfer_jax.cli import app
+from coreinfer_jax.cli import app, outputs
 from coreinfer_jax.eval import frontier
 
 flags.DEFINE_list("inputs", None, "evaluate.py JSON files")
@@ -38,8 +38,7 @@ FLAGS = flags.FLAGS
 def merge(paths, labels):
   runs, records, seen = [], [], {}
   for i, path in enumerate(paths):
-    with open(path) as fh:
-      data = json.load(fh)
+    data = files.read_json(path)
     runs.append(dict(data["settings"], file=os.path.basename(path),
                      label=labels[i] if i < len(labels) else ""))
     for r in data["results"]:
@@ -94,8 +93,7 @@ def main(argv):
     table += (f"\nMost FFN bytes removed within {max_loss:.0%} of dense {task} {metric}:\n\n"
               + frontier.within_loss_table(rows, metric))
   app.write_json(FLAGS.json_out, merged)
-  with open(FLAGS.markdown_out or os.path.splitext(FLAGS.json_out)[0] + ".md", "w") as fh:
-    fh.write(table)
+  files.write_text(outputs.markdown_path(FLAGS.markdown_out, FLAGS.json_out), table)
   print(table)
   if FLAGS.plot:
     plotted = [r for r in selected(records, FLAGS.metrics)

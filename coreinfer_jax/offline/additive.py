@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
+from tqdm import tqdm
 
 from coreinfer_jax.core.cost import kept_rows_fraction
 from coreinfer_jax.eval.tasks import Window
@@ -58,18 +59,32 @@ class Sensitivity:
 def measure_sensitivity(config: ModelConfig, params: ModelParams, windows: Sequence[Window], *,
                         betas: Sequence[float], scoring: str, alpha: float,
                         layers: Optional[Sequence[int]] = None, rows_per_pass: int = 8,
-                        progress: bool = True) -> Sensitivity:
+                        progress: bool = True, measured: Tuple[Sequence[float], ...] = ((), ()),
+                        on_pass: Optional[Callable[[List[float], List[float]], None]] = None
+                        ) -> Sensitivity:
   """Each (layer, β) of `layers` × `betas`, that layer alone sparsified, scored
-  against the dense model on every window; `rows_per_pass` of them per batch."""
+  against the dense model on every window; `rows_per_pass` of them per batch.
+  `measured`: (NLL, KL) of the first cases, from an interrupted run of the same
+  settings (not measured again); `on_pass(nll, kl)` is called with every case
+  measured so far after each batch."""
   L = config.num_layers
   layers = tuple(range(L)) if layers is None else tuple(layers)
   measure = JointLoss(config, params, windows, scoring=scoring, alpha=alpha,
                       rows_per_pass=rows_per_pass)
-  cases = [[beta if layer == sparse else None for layer in range(L)]
+  cases = [measure.kept([beta if layer == sparse else None for layer in range(L)])
            for sparse in layers for beta in betas]
-  nll, kl = measure([measure.kept(case) for case in cases], progress=progress)
+  nll, kl = list(measured[0]), list(measured[1])
+  for start in tqdm(range(len(nll), len(cases), rows_per_pass), desc="sensitivity passes",
+                    disable=not progress):
+    pass_nll, pass_kl = measure(cases[start:start + rows_per_pass])
+    nll += pass_nll.tolist()
+    kl += pass_kl.tolist()
+    if on_pass:
+      on_pass(nll, kl)
+  if measure.dense_nll is None:   # resumed at its end: measure the dense pass it reports
+    measure(cases[:1])
   shape = (len(layers), len(betas))
-  return Sensitivity(tuple(betas), layers, nll.reshape(shape), kl.reshape(shape),
+  return Sensitivity(tuple(betas), layers, np.reshape(nll, shape), np.reshape(kl, shape),
                      measure.dense_nll, measure.tokens)
 
 

@@ -7,13 +7,17 @@ batch, `joint_loss.JointLoss`), and takes the cheapest. It stops at the FFN
 target, or before the measured loss would pass the bound. Its own measurement
 runs low (each step keeps the cheapest of many noisy candidates), so
 `held_out_stop` re-measures each prefix of the trajectory on other windows.
+
+The search is deterministic, so it resumes exactly: `on_step` is given the
+trajectory after every step (the command saves it), and `resume` replays a
+saved trajectory before measuring on from its end.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm import tqdm
@@ -49,10 +53,15 @@ def greedy_allocate(config: ModelConfig, params: ModelParams, windows: Sequence[
                     scoring: str, alpha: float, layers: Optional[Sequence[int]] = None,
                     kind: str = "nll", target_ffn_fraction: Optional[float] = None,
                     max_loss: Optional[float] = None, steps: int = 20, min_beta: float = 0.05,
-                    rows_per_pass: int = 8, progress: bool = True) -> GreedyAllocation:
+                    rows_per_pass: int = 8, progress: bool = True,
+                    resume: Sequence[GreedyStep] = (),
+                    on_step: Optional[Callable[[List[GreedyStep]], None]] = None
+                    ) -> GreedyAllocation:
   """Per-layer β chosen by measured joint loss (module docstring, 3): stop at
   mean FFN fraction `target_ffn_fraction`, or at the last step whose measured
-  loss is within `max_loss` (`nll`: relative perplexity increase; `kl`: nats)."""
+  loss is within `max_loss` (`nll`: relative perplexity increase; `kl`: nats).
+  `resume`: the steps of an interrupted search of the same settings, taken
+  again without measuring; `on_step(trajectory)` is called after each step."""
   if (target_ffn_fraction is None) == (max_loss is None):
     raise ValueError("give exactly one of target_ffn_fraction and max_loss")
   if kind not in LOSSES:
@@ -69,8 +78,10 @@ def greedy_allocate(config: ModelConfig, params: ModelParams, windows: Sequence[
   min_units = max(1, math.ceil(min_beta * steps - 1e-9))
   units = {layer: steps for layer in layers}
   betas = lambda u: [None if l not in u or u[l] == steps else u[l] / steps for l in range(L)]
-  trajectory: List[GreedyStep] = []
-  current = (0.0, 0.0)
+  trajectory: List[GreedyStep] = list(resume)
+  for step in trajectory:
+    units[step.layer] = round(step.beta * steps)
+  current = (trajectory[-1].nll, trajectory[-1].kl) if trajectory else (0.0, 0.0)
   bar = tqdm(desc="greedy calibration", disable=not progress)
   while target_ffn_fraction is None or kept_rows_fraction(betas(units), F) > target_ffn_fraction + 1e-12:
     movable = [layer for layer in layers if units[layer] > min_units]
@@ -89,9 +100,13 @@ def greedy_allocate(config: ModelConfig, params: ModelParams, windows: Sequence[
     current = (float(nll[best]), float(kl[best]))
     trajectory.append(GreedyStep(movable[best], units[movable[best]] / steps,
                                  kept_rows_fraction(betas(units), F), *current))
+    if on_step:
+      on_step(trajectory)
     bar.update(1)
     bar.set_postfix(ffn=f"{trajectory[-1].ffn_fraction:.3f}", nll=f"{current[0]:.4f}")
   bar.close()
+  if measure.dense_nll is None:   # resumed at its end: measure the dense pass it reports
+    measure([measure.kept(betas(units))])
   layer_beta = tuple(betas(units))
   return GreedyAllocation(layer_beta, kept_rows_fraction(layer_beta, F), current[0], current[1],
                           measure.dense_nll or 0.0, measure.tokens, trajectory)
