@@ -1,9 +1,6 @@
 """The stability / similarity / held-out analyses: their numbers and scripts."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +11,7 @@ from coreinfer_jax.model import forward as model
 from coreinfer_jax.core.spec import core_spec
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.core.policy import Stability
-from tests.conftest import REPO, random_prompts
+from tests.conftest import random_prompts, run_script
 from tests.offline.test_clusters import WORDS
 
 
@@ -61,11 +58,6 @@ def test_jaccard_matrix_matches_python_sets():
       assert got[i, j] == pytest.approx(len(a & b) / len(a | b))
 
 
-def _run_script(name, *args):
-  return subprocess.run([sys.executable, os.path.join(REPO, "scripts", name), *args],
-                        capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture
 def labelled_texts(tmp_path):
   rng = np.random.default_rng(0)
@@ -80,7 +72,7 @@ def labelled_texts(tmp_path):
 @pytest.mark.parametrize("kind", ["stability", "similarity"])
 def test_analyze_script_writes_json_and_png(tiny_llama_with_tokenizer, labelled_texts, tmp_path, kind):
   out = tmp_path / "out"
-  result = _run_script("analyze.py", f"--analysis={kind}", f"--model={tiny_llama_with_tokenizer}",
+  result = run_script("analyze.py", f"--analysis={kind}", f"--model={tiny_llama_with_tokenizer}",
                        f"--dataset={labelled_texts}", "--label_field=group", "--limit=12",
                        "--num_steps=5", f"--out_dir={out}")
   assert result.returncode == 0, result.stderr
@@ -98,12 +90,12 @@ def test_analyze_script_writes_json_and_png(tiny_llama_with_tokenizer, labelled_
 
 def test_held_out_cluster_analysis(tiny_llama_with_tokenizer, labelled_texts, tmp_path):
   clusters = tmp_path / "clusters"
-  result = _run_script("cluster.py", f"--model={tiny_llama_with_tokenizer}",
+  result = run_script("cluster.py", f"--model={tiny_llama_with_tokenizer}",
                        f"--dataset={labelled_texts}", f"--out_dir={clusters}",
                        "--holdout_fraction=0.25", "--num_clusters=3", "--noprogress")
   assert result.returncode == 0, result.stderr
   out = tmp_path / "out"
-  result = _run_script("analyze.py", "--analysis=clusters", f"--model={tiny_llama_with_tokenizer}",
+  result = run_script("analyze.py", "--analysis=clusters", f"--model={tiny_llama_with_tokenizer}",
                        f"--cluster_dir={clusters}", f"--out_dir={out}")
   assert result.returncode == 0, result.stderr
   record = json.load(open(out / "clusters.json"))
@@ -116,9 +108,9 @@ def test_held_out_cluster_analysis(tiny_llama_with_tokenizer, labelled_texts, tm
 
 def test_held_out_analysis_needs_a_split(tiny_llama_with_tokenizer, labelled_texts, tmp_path):
   clusters = tmp_path / "clusters"
-  assert _run_script("cluster.py", f"--model={tiny_llama_with_tokenizer}",
+  assert run_script("cluster.py", f"--model={tiny_llama_with_tokenizer}",
                      f"--dataset={labelled_texts}", f"--out_dir={clusters}", "--num_clusters=2",
                      "--noprogress").returncode == 0
-  result = _run_script("analyze.py", "--analysis=clusters", f"--model={tiny_llama_with_tokenizer}",
+  result = run_script("analyze.py", "--analysis=clusters", f"--model={tiny_llama_with_tokenizer}",
                        f"--cluster_dir={clusters}", f"--out_dir={tmp_path / 'out'}")
   assert result.returncode == 2 and "without a held-out split" in result.stderr

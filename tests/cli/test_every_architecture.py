@@ -4,21 +4,17 @@ clustering, similarity and stability generation, calibration, evaluation,
 the analyses and the benchmark."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, make_tiny_hf_model, with_tokenizer
+from tests.conftest import make_tiny_hf_model, run_script, with_tokenizer
 
 WORDS = "a b c d e f g h the of and to".split()
 
 
 def _run(script, *args):
-  proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", script), *args],
-                        capture_output=True, text=True, timeout=600)
+  proc = run_script(script, *args, timeout=600)
   assert proc.returncode == 0, f"{script}: {proc.stderr}"
   return proc
 

@@ -2,18 +2,12 @@
 command line does not, and a flag given on the command line wins."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO
-
-
-def run_script(script, *args):
-  return subprocess.run([sys.executable, os.path.join(REPO, "scripts", script), *args],
-                        capture_output=True, text=True, timeout=300)
+from tests.conftest import run_script
 
 
 def _configs(tmp_path, settings):

@@ -24,7 +24,7 @@ from coreinfer_jax.core.spec import core_spec, read_beta_file
 from coreinfer_jax.core.policy import Dense, Stability
 from coreinfer_jax.core.cost import kept_rows_fraction
 from coreinfer_jax.eval.scorer import ContinuationScorer, masked_params
-from tests.conftest import REPO, random_prompts
+from tests.conftest import REPO, random_prompts, run_script
 
 WORDS = "a b c d e f g h the of and to".split()
 
@@ -179,9 +179,7 @@ def test_held_out_stop_measures_each_prefix(tiny):
 
 
 def _calibrate(model_dir, out, *args):
-  return subprocess.run([sys.executable, os.path.join(REPO, "scripts", "calibrate.py"),
-                         f"--model={model_dir}", f"--out={out}", *args],
-                        capture_output=True, text=True, timeout=600)
+  return run_script("calibrate.py", f"--model={model_dir}", f"--out={out}", *args, timeout=600)
 
 
 @pytest.fixture

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import chex
 import jax
@@ -20,7 +18,7 @@ from coreinfer_jax.eval import datasets as texts
 from coreinfer_jax.core.spec import core_spec
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.core.policy import Similarity, Stability
-from tests.conftest import REPO, make_tiny_hf_model, random_prompts, run_generate
+from tests.conftest import REPO, make_tiny_hf_model, random_prompts, run_generate, run_script
 
 WORDS = "a b c d e f g h the of and to".split()
 
@@ -196,11 +194,6 @@ def test_similarity_batches_pick_each_prompts_cluster(tiny):
   assert gen.compiled.compiles["gather_cluster"] == 1
 
 
-def _run_cluster(*args):
-  return subprocess.run([sys.executable, os.path.join(REPO, "scripts", "cluster.py"), *args],
-                        capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture
 def synthetic_texts(tmp_path):
   rng = np.random.default_rng(0)
@@ -213,7 +206,7 @@ def test_cluster_script_then_similarity_generation(tiny_llama_with_tokenizer, sy
                                                    tmp_path):
   out = str(tmp_path / "clusters")
   model_dir = str(tiny_llama_with_tokenizer)
-  result = _run_cluster(f"--model={model_dir}", f"--dataset={synthetic_texts}", f"--out_dir={out}",
+  result = run_script("cluster.py", f"--model={model_dir}", f"--dataset={synthetic_texts}", f"--out_dir={out}",
                         "--holdout_fraction=0.2", "--noprogress")
   assert result.returncode == 0, result.stderr
   manifest = json.load(open(os.path.join(out, "manifest.json")))
@@ -237,7 +230,7 @@ def test_cluster_script_then_similarity_generation(tiny_llama_with_tokenizer, sy
 
 def _cluster_dir(tiny_llama_with_tokenizer, synthetic_texts, tmp_path, *args):
   out = str(tmp_path / "clusters")
-  result = _run_cluster(f"--model={tiny_llama_with_tokenizer}", f"--dataset={synthetic_texts}",
+  result = run_script("cluster.py", f"--model={tiny_llama_with_tokenizer}", f"--dataset={synthetic_texts}",
                         f"--out_dir={out}", "--num_clusters=2", "--noprogress", *args)
   assert result.returncode == 0, result.stderr
   return out
@@ -310,5 +303,5 @@ def test_cluster_script_refuses_bad_settings(tiny_llama_with_tokenizer, syntheti
                         (["--num_clusters=many"], "expected 'auto' or a number"),
                         (["--num_clusters=31"], "exceeds the 30 texts"),
                         (["--sparse_layers=0", "--cluster_layer=2"], "give --cluster_beta")):
-    result = _run_cluster(*base, *args)
+    result = run_script("cluster.py", *base, *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr
