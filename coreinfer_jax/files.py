@@ -2,15 +2,19 @@
 
 Writes are atomic: a reader sees the old file or the new one, never half of
 one. Reads of the text and JSON files users hand us raise `InputFileError`,
-whose one line names the file and where it is wrong (JSON: line and column;
-text: the byte offset of the first byte that is not UTF-8).
+whose one line names the file and where it is wrong (JSON and JSON Lines:
+line and column; CSV: line; text: the byte offset of the first byte that is
+not UTF-8), never a bare decoder message that leaves the user to guess which
+of several files it came from.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List
 
 import numpy as np
 
@@ -20,9 +24,13 @@ class InputFileError(ValueError):
 
 
 def read_text(path: str) -> str:
-  """The file's text, decoded as UTF-8."""
+  """The file's text, decoded as UTF-8 (line ends kept as they are)."""
   with open(path, "rb") as fh:
-    data = fh.read()
+    return decode_text(path, fh.read())
+
+
+def decode_text(path: str, data: bytes) -> str:
+  """`data`, the bytes read from `path` (e.g. decompressed), as UTF-8 text."""
   try:
     return data.decode("utf-8")
   except UnicodeDecodeError as e:
@@ -30,14 +38,44 @@ def read_text(path: str) -> str:
                          ) from None
 
 
+def read_lines(path: str) -> List[str]:
+  """The file's lines without their ends, split as Python's text mode splits
+  them (at \\n, \\r\\n and \\r only: `str.splitlines` would also split at
+  characters such as U+2028, which may lie inside a line's text)."""
+  return [line.rstrip("\n") for line in io.StringIO(read_text(path), newline=None)]
+
+
 def read_json(path: str) -> Any:
   """The file's JSON value."""
-  text = read_text(path)
   try:
-    return json.loads(text)
+    return json.loads(read_text(path))
   except json.JSONDecodeError as e:
-    raise InputFileError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
-                         ) from None
+    raise _json_error(path, e.lineno, e) from None
+
+
+def read_jsonl(path: str) -> List[Any]:
+  """One JSON value per line that is not blank (JSON Lines)."""
+  values = []
+  for number, line in enumerate(read_lines(path), 1):
+    if line.strip():
+      try:
+        values.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise _json_error(path, number, e) from None
+  return values
+
+
+def _json_error(path: str, line: int, e: json.JSONDecodeError) -> InputFileError:
+  return InputFileError(f"{path}: invalid JSON at line {line} column {e.colno}: {e.msg}")
+
+
+def read_csv(path: str) -> List[Dict[str, str]]:
+  """The rows of a CSV file whose first row names the columns."""
+  reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+  try:
+    return list(reader)
+  except csv.Error as e:
+    raise InputFileError(f"{path}: invalid CSV at line {reader.line_num}: {e}") from None
 
 
 def write_atomically(path: str, write: Callable[[str], None], suffix: str = "") -> None:

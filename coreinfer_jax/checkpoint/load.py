@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+from coreinfer_jax import files
 from coreinfer_jax.checkpoint import cache, named
 from coreinfer_jax.checkpoint.architectures import config_from_hf
 from coreinfer_jax.checkpoint.convert import TensorGetter, params_from_hf_tensors
@@ -26,6 +27,11 @@ from coreinfer_jax.checkpoint.gguf_reader import read_gguf
 from coreinfer_jax.checkpoint.safetensors_reader import read_folder
 from coreinfer_jax.model.config import ModelConfig
 from coreinfer_jax.model.params import ModelParams
+
+# The JSON files transformers reads to build a folder's tokenizer.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "added_tokens.json", "config.json")
+
 
 @dataclasses.dataclass
 class LoadedModel:
@@ -70,7 +76,7 @@ def load_tokenizer(path: str, cache_dir: Optional[str] = None):
   the tokenizers cache), keyed by the file's fingerprint."""
   from transformers import AutoTokenizer
   if os.path.isdir(path):
-    return AutoTokenizer.from_pretrained(path)
+    return _folder_tokenizer(path)
   cached = os.path.join(cache_dir or cache.cache_dir("tokenizers"), fingerprint(path))
   if os.path.isfile(os.path.join(cached, "tokenizer.json")):
     return AutoTokenizer.from_pretrained(cached)
@@ -82,6 +88,21 @@ def load_tokenizer(path: str, cache_dir: Optional[str] = None):
   except OSError:
     pass   # a read-only cache only costs time
   return tokenizer
+
+
+def _folder_tokenizer(folder: str):
+  """The folder's tokenizer. transformers reports a damaged JSON file by the
+  decoder's bare message ("Expecting value: line 1 column 7"), naming no
+  file; when it fails, its files are read again only to raise
+  `files.InputFileError` naming the one that is not JSON."""
+  from transformers import AutoTokenizer
+  try:
+    return AutoTokenizer.from_pretrained(folder)
+  except Exception:
+    for name in _TOKENIZER_FILES:
+      if os.path.isfile(os.path.join(folder, name)):
+        files.read_json(os.path.join(folder, name))
+    raise
 
 
 def load_config(model: Optional[str] = None) -> ModelConfig:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
-import json
 import os
 import re
 from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -242,10 +241,12 @@ def _stamp(model: NamedModel, path: str) -> Dict[str, object]:
 
 
 def _stamped(model: NamedModel, path: str, stamp: str) -> bool:
-  """Whether the stamp records this file, unchanged since it was verified."""
+  """Whether the stamp records this file, unchanged since it was verified. A
+  stamp that is missing, unreadable or corrupt (`files.InputFileError` is a
+  ValueError) only means the file is hashed again and the stamp rewritten:
+  the cache is ours, so damage there is never the user's error."""
   try:
-    with open(stamp) as fh:
-      return json.load(fh) == _stamp(model, path)
+    return files.read_json(stamp) == _stamp(model, path)
   except (OSError, ValueError):
     return False
 

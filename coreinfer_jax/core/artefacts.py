@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 import shutil
 import uuid
@@ -100,10 +99,10 @@ def read_manifest(out_dir: str) -> dict:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no cluster artefacts in {out_dir} ({MANIFEST} is missing): "
                             f"build them with scripts/cluster.py")
-  with open(path) as fh:
-    manifest = json.load(fh)
-  if manifest.get("format") != FORMAT:
-    raise ClusterMismatchError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+  manifest = files.read_json(path)
+  found = manifest.get("format") if isinstance(manifest, dict) else None
+  if found != FORMAT:
+    raise ClusterMismatchError(f"{path}: format {found!r}, expected {FORMAT!r}")
   return manifest
 
 

@@ -8,9 +8,10 @@ settings and rejects bad input before any work starts.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Optional, Sequence, Tuple, Union
+
+from coreinfer_jax import files
 
 SCORINGS = ("signed", "magnitude", "griffin")
 
@@ -82,15 +83,23 @@ def _check_fraction(name: str, value: float) -> float:
 def read_beta_file(path: str, num_layers: int) -> Tuple[Optional[float], ...]:
   """A JSON file `{"beta": [b_0, ..., b_{L-1}]}` (or the bare list): one β per
   model layer, null for a layer that stays dense."""
-  with open(path) as fh:
-    data = json.load(fh)
+  data = files.read_json(path)
   betas = data.get("beta") if isinstance(data, dict) else data
   if not isinstance(betas, list):
     raise ValueError(f"{path}: expected a list of per-layer β under the key 'beta'")
   if len(betas) != num_layers:
     raise ValueError(f"{path}: {len(betas)} per-layer β values for a model of {num_layers} layers")
-  return tuple(None if b is None else _check_fraction(f"{path}: β of layer {i}", b)
-               for i, b in enumerate(betas))
+  return tuple(_layer_beta(path, i, b) for i, b in enumerate(betas))
+
+
+def _layer_beta(path: str, layer: int, value) -> Optional[float]:
+  """A β file's entry for one layer, checked: a JSON string or list there
+  would otherwise fail as a Python comparison error naming neither."""
+  if value is None:
+    return None
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ValueError(f"{path}: β of layer {layer} is {value!r}, expected a number or null")
+  return _check_fraction(f"{path}: β of layer {layer}", value)
 
 
 def core_spec(num_layers: int, num_neurons: int, *, beta: Union[float, Sequence[float]] = 0.4,

@@ -9,14 +9,14 @@ where the project's data lives.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import json
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from coreinfer_jax import files
 
 TRUTHFULQA_FILE = os.path.join("truthfulqa", "TruthfulQA.csv")
 DATASETS = ("truthfulqa",)
@@ -52,8 +52,7 @@ def truthfulqa_rows(data_dir: str) -> Tuple[str, List[Dict[str, str]]]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"TruthfulQA not found: {path} (give --data_dir, the folder that "
                             f"holds {TRUTHFULQA_FILE})")
-  with open(path, newline="", encoding="utf-8") as fh:
-    return path, list(csv.DictReader(fh))
+  return path, files.read_csv(path)
 
 
 def _truthfulqa(data_dir: str) -> TextSet:
@@ -66,20 +65,28 @@ def _truthfulqa(data_dir: str) -> TextSet:
 
 def _file_rows(path: str, text_key: str, label_key: Optional[str]):
   if path.endswith(".txt"):
-    with open(path, encoding="utf-8") as fh:
-      return [(line.rstrip("\n"), None) for line in fh if line.strip()]
+    return [(line, None) for line in files.read_lines(path) if line.strip()]
   if path.endswith(".jsonl"):
-    with open(path, encoding="utf-8") as fh:
-      records = [json.loads(line) for line in fh if line.strip()]
+    records = files.read_jsonl(path)
   elif path.endswith(".csv"):
-    with open(path, newline="", encoding="utf-8") as fh:
-      records = list(csv.DictReader(fh))
+    records = files.read_csv(path)
   else:
     raise ValueError(f"{path}: expected a .txt (one text per line), .jsonl or .csv file")
-  for key in (text_key, label_key):
-    if key and records and key not in records[0]:
-      raise ValueError(f"{path}: no field {key!r} (fields: {sorted(records[0])})")
+  _check_fields(path, records, [key for key in (text_key, label_key) if key])
   return [(str(r[text_key]), None if not label_key else str(r[label_key])) for r in records]
+
+
+def _check_fields(path: str, records: list, keys: Sequence[str]) -> None:
+  """Every record is an object holding every key (one that lacks one would
+  otherwise fail later as a bare KeyError naming no file)."""
+  for number, record in enumerate(records, 1):
+    if not isinstance(record, dict):
+      raise files.InputFileError(f"{path}: record {number} is a {type(record).__name__}, "
+                                 f"expected a JSON object")
+    missing = [key for key in keys if key not in record]
+    if missing:
+      raise files.InputFileError(f"{path}: record {number} has no field {missing[0]!r} "
+                                 f"(fields: {list(record)})")
 
 
 def load_texts(dataset: str, data_dir: Optional[str] = None, *, text_key: str = "text",

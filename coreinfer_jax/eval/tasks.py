@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import bz2
 import dataclasses
-import json
+import io
 import os
 import re
 from typing import List, Optional, Sequence, Tuple
 
+from coreinfer_jax import files
 from coreinfer_jax.eval.datasets import truthfulqa_rows
 
 # lm-eval's truthfulqa_gen QA primer (6 shots).
@@ -85,22 +86,40 @@ def _path(data_dir: str, *parts: str) -> str:
   return path
 
 
-def _read_jsonl(path: str) -> List[dict]:
-  with open(path, encoding="utf-8") as fh:
-    return [json.loads(line) for line in fh if line.strip()]
+def _read_labels(path: str) -> List[int]:
+  """One integer label per line that is not blank."""
+  labels = []
+  for number, line in enumerate(files.read_lines(path), 1):
+    if line.strip():
+      try:
+        labels.append(int(line))
+      except ValueError:
+        raise files.InputFileError(f"{path}: line {number} is {line!r}, not an integer label"
+                                   ) from None
+  return labels
+
+
+def _read_bz2_text(path: str) -> str:
+  """The decompressed text, line ends translated to \\n as text mode does."""
+  with open(path, "rb") as fh:
+    compressed = fh.read()
+  try:
+    data = bz2.decompress(compressed)
+  except (OSError, ValueError) as e:
+    raise files.InputFileError(f"{path}: not bz2-compressed data ({e})") from None
+  return io.StringIO(files.decode_text(f"{path} (decompressed)", data), newline=None).read()
 
 
 def _piqa(data_dir: str) -> List[ChoiceExample]:
-  docs = _read_jsonl(_path(data_dir, "piqa", "valid.jsonl"))
-  with open(_path(data_dir, "piqa", "valid-labels.lst")) as fh:
-    labels = [int(line) for line in fh if line.strip()]
+  docs = files.read_jsonl(_path(data_dir, "piqa", "valid.jsonl"))
+  labels = _read_labels(_path(data_dir, "piqa", "valid-labels.lst"))
   return [ChoiceExample(f"Question: {d['goal']}\nAnswer:", (" " + d["sol1"], " " + d["sol2"]), y)
           for d, y in zip(docs, labels)]
 
 
 def _arc(data_dir: str, subset: str) -> List[ChoiceExample]:
   out = []
-  for d in _read_jsonl(_path(data_dir, "arc", f"ARC-{subset}-Test.jsonl")):
+  for d in files.read_jsonl(_path(data_dir, "arc", f"ARC-{subset}-Test.jsonl")):
     choices = d["question"]["choices"]
     labels = [c["label"] for c in choices]
     out.append(ChoiceExample(f"Question: {d['question']['stem']}\nAnswer:",
@@ -116,9 +135,7 @@ def hellaswag_preprocess(text: str) -> str:
 
 
 def _hellaswag(data_dir: str) -> List[ChoiceExample]:
-  with bz2.open(_path(data_dir, "hellaswag", "hellaswag_val_full.txt.bz2"), "rt",
-                encoding="utf-8") as fh:
-    lines = fh.read().split("\n")
+  lines = _read_bz2_text(_path(data_dir, "hellaswag", "hellaswag_val_full.txt.bz2")).split("\n")
   out = []
   for i in range(0, len(lines) - 5, 6):   # 6 lines per example: context, label, 4 endings
     context, label, endings = lines[i], lines[i + 1], lines[i + 2:i + 6]
@@ -140,8 +157,7 @@ def _truthfulqa(data_dir: str) -> List[GenerationExample]:
 
 
 def _squad(data_dir: str) -> List[GenerationExample]:
-  with open(_path(data_dir, "squad_v1.1_dev", "dev-v1.1.rebuilt.json"), encoding="utf-8") as fh:
-    articles = json.load(fh)["data"]
+  articles = files.read_json(_path(data_dir, "squad_v1.1_dev", "dev-v1.1.rebuilt.json"))["data"]
   out = []
   for article in articles:
     title = article["title"].replace("_", " ")
@@ -158,17 +174,16 @@ XSUM_MAX_WORDS = 300   # article words kept, so prompt + summary fit a 1024-toke
 
 def _xsum(data_dir: str) -> List[GenerationExample]:
   out = []
-  for d in _read_jsonl(_path(data_dir, "xsum", "xsum_test_1000.jsonl")):
+  for d in files.read_jsonl(_path(data_dir, "xsum", "xsum_test_1000.jsonl")):
     article = " ".join(d["document"].split()[:XSUM_MAX_WORDS])
     out.append(GenerationExample(f"Article: {article}\n\nOne-sentence summary:", (d["summary"],)))
   return out
 
 
 def _wmt22(data_dir: str) -> List[GenerationExample]:
-  with open(_path(data_dir, "wmt22_de_en", "generaltest2022.de-en.src.de"), encoding="utf-8") as fh:
-    sources = fh.read().splitlines()
-  with open(_path(data_dir, "wmt22_de_en", "generaltest2022.de-en.ref.A.en"), encoding="utf-8") as fh:
-    references = fh.read().splitlines()
+  sources = files.read_text(_path(data_dir, "wmt22_de_en", "generaltest2022.de-en.src.de")).splitlines()
+  references = files.read_text(_path(data_dir, "wmt22_de_en", "generaltest2022.de-en.ref.A.en")
+                               ).splitlines()
   if len(sources) != len(references):
     raise ValueError(f"wmt22_de_en: {len(sources)} sources but {len(references)} references")
   return [GenerationExample(f"German: {s}\nEnglish:", (r,)) for s, r in zip(sources, references)
@@ -217,8 +232,7 @@ def load_examples(task: Task, data_dir: str, limit: Optional[int] = None, num_fe
 
 def wikitext_text(data_dir: str) -> str:
   """WikiText-2 raw test, as one document (lm-eval's `wikitext` reads the same split)."""
-  with open(_path(data_dir, "wikitext2_raw", "wiki.test.raw"), encoding="utf-8") as fh:
-    return fh.read().replace("\r\n", "\n")
+  return files.read_text(_path(data_dir, "wikitext2_raw", "wiki.test.raw")).replace("\r\n", "\n")
 
 
 @dataclasses.dataclass(frozen=True)

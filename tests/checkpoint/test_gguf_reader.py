@@ -30,13 +30,15 @@ def truncated_gguf(path, keep=0.5):
   return size
 
 
-def test_truncated_gguf_names_the_file_and_both_sizes(tmp_path):
+def test_truncated_gguf_names_the_file_both_sizes_and_the_cut_tensor(tmp_path):
   path = tmp_path / "model.gguf"
   size = truncated_gguf(path)
   with pytest.raises(CheckpointError) as e:
     read_gguf(str(path))
+  start = size - 64 * 32 * 4   # its one float32 tensor ends the file
   assert str(e.value) == (f"GGUF file '{path}' is truncated: {size // 2} bytes, its tensors need "
-                          f"{size} (re-download or re-assemble it)")
+                          f"{size} (tensor 'token_embd.weight' has {size // 2 - start} of its "
+                          f"{64 * 32 * 4} bytes; re-download or re-assemble it)")
 
 
 def test_not_a_gguf_file_is_one_line(tmp_path):

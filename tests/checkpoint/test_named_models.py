@@ -72,6 +72,18 @@ def test_verified_file_without_stamp_is_hashed_not_reassembled(tmp_path, monkeyp
   assert os.path.isfile(path + ".sha256")
 
 
+@pytest.mark.parametrize("stamp", [b'{"path": ', b"\xff\xfe", b"[]"], ids=["cut", "not_utf8", "not_ours"])
+def test_corrupt_stamp_only_means_hashed_again(stamp, tmp_path, monkeypatch):
+  model = fake_model(tmp_path, monkeypatch)
+  path = named.resolve(model)
+  with open(path + ".sha256", "wb") as fh:
+    fh.write(stamp)
+  assert not named.is_verified(model)
+  monkeypatch.setattr(named, "_assemble", lambda *args: pytest.fail("assembled again"))
+  assert named.resolve(model) == path
+  assert named.is_verified(model)   # the stamp was rewritten
+
+
 def test_wrong_hash_is_one_line_and_leaves_no_file(tmp_path, monkeypatch):
   model = fake_model(tmp_path, monkeypatch, content=b"".join(PARTS).upper())
   with pytest.raises(CheckpointError) as e:
