@@ -1,10 +1,11 @@
-"""The reference: transformers' torch model and its decode rate, timed as ours."""
+"""The reference: transformers' torch model and the times its decode rate is
+measured from, as ours."""
 
 from __future__ import annotations
 
 import os
 import time
-from typing import List
+from typing import List, Tuple
 
 
 def hf_model(model_path: str, hf_config: dict, dtype_name: str):
@@ -21,9 +22,10 @@ def hf_model(model_path: str, hf_config: dict, dtype_name: str):
       os.path.dirname(model_path), gguf_file=os.path.basename(model_path), dtype=torch_dtype).eval()
 
 
-def hf_decode_tokens_per_second(model, prompt_ids: List[int], decode_steps: int) -> float:
-  """Decode rate of `generate` (KV cache, greedy): the time of 1 + N new
-  tokens minus the time of 1 (prefill and first token), over N."""
+def hf_generate_seconds(model, prompt_ids: List[int], decode_steps: int) -> Tuple[float, float]:
+  """Seconds of `generate` (KV cache, greedy) for 1 + N new tokens and for 1
+  (prefill and first token), after a warm-up: the N decode steps are their
+  difference (`bench.rounds.difference` over rounds)."""
   import torch
 
   def timed(n):
@@ -35,4 +37,4 @@ def hf_decode_tokens_per_second(model, prompt_ids: List[int], decode_steps: int)
     return time.perf_counter() - t0
 
   timed(2)   # warm-up
-  return decode_steps / max(1e-9, timed(decode_steps + 1) - timed(1))
+  return timed(decode_steps + 1), timed(1)

@@ -1,22 +1,23 @@
 """Timing for scripts/benchmark.py: the machine's bandwidth probe and our
-prefill and decode, each measured after warm-up."""
+prefill and decode, each measured after warm-up, as one value per repeat or
+round (`bench.rounds` reports them)."""
 
 from __future__ import annotations
 
-import statistics
 import time
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 
-from coreinfer_jax.runtime.generator import GenerationStats, Generator
+from coreinfer_jax.runtime.generator import GenerationStats, Generator, timed
 
 
-def probe_gb_per_s(total_bytes: int, dtype=jnp.float32, rows: int = 5632, repeats: int = 10) -> float:
-  """The machine's weight-streaming rate: batch-1 matrix-vector products over
-  per-array neuron-major `[rows, D]` matrices (the model's own layout) that
-  together hold `total_bytes`, in one jitted function. Median GB/s."""
+def probe_gb_per_s(total_bytes: int, dtype=jnp.float32, rows: int = 5632,
+                   repeats: int = 10) -> List[float]:
+  """The machine's weight-streaming rate, GB/s of each repeat: batch-1
+  matrix-vector products over per-array neuron-major `[rows, D]` matrices (the
+  model's own layout) that together hold `total_bytes`, in one jitted function."""
   itemsize = jnp.dtype(dtype).itemsize
   cols = 2048
   count = max(1, int(total_bytes // (rows * cols * itemsize)))
@@ -29,25 +30,21 @@ def probe_gb_per_s(total_bytes: int, dtype=jnp.float32, rows: int = 5632, repeat
     return sum(jnp.einsum("bd,fd->bf", x, m)[:, :8] for m in mats)
 
   jax.block_until_ready(stream(mats, x))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(stream(mats, x))
-    times.append(time.perf_counter() - t0)
-  return count * rows * cols * itemsize / statistics.median(times) / 1e9
+  streamed_gb = count * rows * cols * itemsize / 1e9
+  return [streamed_gb / timed(time.perf_counter, stream, mats, x)[1] for _ in range(repeats)]
 
 
 def time_prefill_and_decode(gen: Generator, prompt_ids: Sequence[Sequence[int]],
                             decode_steps: int) -> Tuple[GenerationStats, float]:
-  """(prefill stats, decode tokens/s per sequence) of one run; the decode loop
-  reads nothing back until its end, measuring the device's rate."""
+  """(prefill stats, decode tokens/s per sequence) of one run, on `gen.clock`;
+  the decode loop reads nothing back until its end, measuring the device's rate."""
   gen.compile_for(gen.params, len(prompt_ids), gen.bucket(prompt_ids, decode_steps + 1))
   stats = GenerationStats()
   state = gen.timed_prefill(prompt_ids, decode_steps + 1, stats)
   tokens, cache = state.tokens_B, state.cache
-  t0 = time.perf_counter()
+  t0 = gen.clock()
   for _ in range(decode_steps):
     tokens, cache = gen.decode(state.decode_params, cache, tokens)
   tokens.block_until_ready()
   gen.recycle(state)
-  return stats, decode_steps / (time.perf_counter() - t0)
+  return stats, decode_steps / (gen.clock() - t0)

@@ -8,22 +8,29 @@
       --cluster_dir=clusters/tqa
 
 Measurements alternate (each method and β, then transformers) for --rounds
-rounds and report medians, so that machine noise hits every side alike.
-Sparse runs report `speedup_vs_dense`, `bound_speedup` (weight bytes read per
-decode token, dense over sparse) and `fraction_of_bound`; their prefill time
-includes core selection and the gather, and `select_gather_seconds` is that
-extra (the selecting prefill minus a dense prefill of the same prompt, plus
-the gather), measured in the same round. Similarity-guided runs select at the
-clustering layer only and gather nothing once their cluster has been used.
+rounds, so that machine noise hits every side alike, and every timed figure
+is reported as min/median/max over the rounds (`bench.rounds`; the JSON gives
+the median as before plus `<figure>_spread` and `<figure>_reason`). Sparse
+runs report `speedup_vs_dense` (per round, over the dense run of that round),
+`bound_speedup` (weight bytes read per decode token, dense over sparse) and
+`fraction_of_bound`; a speedup whose median exceeds its bound is noise and is
+reported as not measurable, with its rounds. A sparse prefill includes core
+selection and the gather. Selection is the selecting prefill minus a dense
+prefill of the same prompt, timed right after it in the same round
+(`select_seconds`), measurable only when the two prefills' rounds do not
+overlap; `select_gather_seconds` adds the gather, round by round.
+Transformers' decode time is likewise a difference (`generate` of 1 + N
+tokens minus 1 token). An unmeasurable figure is null with its `_reason`.
+Similarity-guided runs select at the clustering layer only and gather nothing
+once their cluster has been used.
 """
 
 import os
-import statistics
 
 import numpy as np
 from absl import flags
 
-from coreinfer_jax.bench import reference, timing
+from coreinfer_jax.bench import reference, rounds, timing
 from coreinfer_jax.cli import app, models, optional
 from coreinfer_jax.cli import flags as cli_flags
 from coreinfer_jax.core import methods
@@ -40,7 +47,7 @@ flags.DEFINE_string("shape", None, "a model shape in configs/shapes (random weig
 flags.DEFINE_integer("num_layers", None, "with --shape: override the depth (to fit memory)")
 flags.DEFINE_integer("prompt_len", 128, "prompt tokens (random ids)")
 flags.DEFINE_integer("decode_steps", 64, "decode steps timed per round")
-flags.DEFINE_integer("rounds", 3, "interleaved measurement rounds (medians reported)")
+flags.DEFINE_integer("rounds", 3, "interleaved measurement rounds (min/median/max reported)")
 flags.DEFINE_boolean("compare_hf", False, "also time transformers (torch, same dtype and threads)")
 flags.DEFINE_string("json_out", None, "write results as JSON here")
 FLAGS = flags.FLAGS
@@ -61,11 +68,6 @@ def _variants(s, config, fingerprint):
   return variants
 
 
-def _median(rows, key):
-  values = [r[key] for r in rows if r[key] is not None]
-  return statistics.median(values) if values else None
-
-
 def main(argv):
   del argv
   s = app.settings(["shape", "dtype", "cache_len", "prompt_len", "decode_steps", "rounds"]
@@ -84,11 +86,12 @@ def main(argv):
   print(f"[loaded {m.path} in {load_seconds:.1f}s; {dense_bytes / 1e9:.3f} GB of weights read per "
         f"dense decode token]")
 
-  probe = timing.probe_gb_per_s(min(dense_bytes, 1 << 30), dtype)
-  print(f"probe: {probe:.1f} GB/s weight streaming")
+  probe = rounds.measured(timing.probe_gb_per_s(min(dense_bytes, 1 << 30), dtype))
+  print(f"probe: {rounds.describe('weight streaming', probe, 1, ' GB/s')} "
+        f"(min/median/max over {len(probe.rounds)} repeats)")
 
   gens = [Generator(m.config, m.params, cache_len=s["cache_len"], policy=policy,
-                    time_selection=True)
+                    time_selection=True, selection_rounds=1)
           for _, _, _, policy in variants]
   prompt = np.random.default_rng(0).integers(3, m.config.vocab_size, s["prompt_len"]).tolist()
   hf = None
@@ -98,56 +101,31 @@ def main(argv):
     hf_config = models.shape_hf_config(FLAGS.configs_dir, s["shape"], FLAGS.num_layers) if s["shape"] else {}
     hf = reference.hf_model(m.path, hf_config, dtype_name)
 
-  rows = [[] for _ in variants]   # per variant, one dict per round
-  hf_rounds = []
+  variant_rounds = [[] for _ in variants]   # per variant, (prefill stats, decode tokens/s) per round
+  hf_seconds = []   # per round, transformers' (1 + N tokens, 1 token) seconds
   for r in range(s["rounds"]):
     line = []
-    for (method, beta, core, _), gen, out in zip(variants, gens, rows):
-      stats, tps = timing.time_prefill_and_decode(gen, [prompt], s["decode_steps"])
-      out.append({"tps": tps, "prefill": stats.prefill_seconds, "gather": stats.gather_seconds,
-                  "select": stats.select_seconds, "ffn_fraction": stats.ffn_bytes_fraction,
-                  "weight_bytes": stats.decode_weight_bytes, "clusters": stats.cluster_ids})
-      line.append(f"{method}{'' if core is None else f' β={beta}'} {tps:.2f}")
+    for (method, beta, core, _), gen, out in zip(variants, gens, variant_rounds):
+      out.append(timing.time_prefill_and_decode(gen, [prompt], s["decode_steps"]))
+      line.append(f"{method}{'' if core is None else f' β={beta}'} {out[-1][1]:.2f}")
     if hf is not None:
-      hf_rounds.append(reference.hf_decode_tokens_per_second(hf, prompt, s["decode_steps"]))
-      line.append(f"transformers {hf_rounds[-1]:.2f}")
+      hf_seconds.append(reference.hf_generate_seconds(hf, prompt, s["decode_steps"]))
+      decode_seconds = hf_seconds[-1][0] - hf_seconds[-1][1]
+      line.append(f"transformers {s['decode_steps'] / decode_seconds:.2f}" if decode_seconds > 0
+                  else "transformers below its first token's noise")
     print(f"round {r} tokens/s: " + ", ".join(line))
 
-  hf_tps = statistics.median(hf_rounds) if hf_rounds else None
-  dense_tps = next((_median(out, "tps") for (_, _, core, _), out in zip(variants, rows)
-                    if core is None), None)
+  hf_tps = None if hf is None else rounds.per_second(s["decode_steps"], rounds.difference(
+      [n for n, _ in hf_seconds], [one for _, one in hf_seconds], "first token"))
+  decode_rates = [rounds.measured([rate for _, rate in out]) for out in variant_rounds]
+  dense_tps = next((rate for (_, _, core, _), rate in zip(variants, decode_rates) if core is None),
+                   None)
   runs = []
-  for (method, beta, core, _), gen, out in zip(variants, gens, rows):
-    tps = _median(out, "tps")
-    ffn_fraction, weight_bytes = out[0]["ffn_fraction"], out[0]["weight_bytes"]
-    select_gather = (None if core is None else
-                     statistics.median([o["select"] + o["gather"] for o in out]))
-    dense_prefill = statistics.median([o["prefill"] - o["gather"] - (o["select"] or 0) for o in out])
-    run = {
-        "method": method,
-        "beta": None if core is None else parse_beta(beta),
-        "scoring": None if core is None else core.scoring,
-        "core": None if core is None else core.summary(),
-        "cluster_ids": None if method != "similarity" else [o["clusters"][0] for o in out],
-        "decode_tokens_per_second": tps,
-        "weight_bytes_per_token": weight_bytes,
-        "ffn_bytes_fraction": ffn_fraction,
-        "achieved_gb_per_s": tps * weight_bytes / 1e9,
-        "fraction_of_probe": tps * weight_bytes / 1e9 / probe,
-        "prefill_seconds": _median(out, "prefill"),
-        "dense_prefill_seconds": dense_prefill,
-        "gather_seconds": None if core is None else _median(out, "gather"),
-        "select_gather_seconds": select_gather,
-        "select_gather_fraction_of_prefill": None if core is None else select_gather / dense_prefill,
-        "compile_seconds": sum(gen.compiled.compile_seconds.values()) + gen.compiled.warm_up_seconds,
-        "speedup_vs_hf": tps / hf_tps if hf_tps else None,
-        "speedup_vs_dense": tps / dense_tps if dense_tps else None,
-        "bound_speedup": dense_bytes / weight_bytes,
-    }
-    run["fraction_of_bound"] = (run["speedup_vs_dense"] / run["bound_speedup"]
-                                if run["speedup_vs_dense"] else None)
-    runs.append(run)
-    _report(run, s["prompt_len"], hf_tps)
+  for variant, gen, out, tps in zip(variants, gens, variant_rounds, decode_rates):
+    plain, figures, prefill = _run(variant, gen, [st for st, _ in out], tps, dense_bytes, probe,
+                                   dense_tps, hf_tps)
+    runs.append({**plain, **rounds.all_fields(figures)})
+    _report(plain, figures, prefill, s["prompt_len"], s["rounds"], hf_tps)
   app.write_json(FLAGS.json_out, {
       "model": m.path,
       "random_weights": bool(s["shape"]),
@@ -157,26 +135,87 @@ def main(argv):
       "decode_steps": s["decode_steps"],
       "rounds": s["rounds"],
       "load_seconds": load_seconds,
-      "probe_gb_per_s": probe,
-      "hf_decode_tokens_per_second": hf_tps,
+      **rounds.all_fields({"probe_gb_per_s": probe, "hf_decode_tokens_per_second": hf_tps}),
       "runs": runs,
   })
 
 
-def _report(run, prompt_len, hf_tps):
-  name = run["method"] + ("" if run["beta"] is None else f" β={run['beta']} ({run['scoring']})")
-  line = (f"{name}: {run['decode_tokens_per_second']:.2f} tokens/s, {run['achieved_gb_per_s']:.1f} GB/s "
-          f"({run['fraction_of_probe']:.0%} of probe), prefill {run['prefill_seconds'] * 1e3:.0f} ms "
-          f"({prompt_len} tokens), compile {run['compile_seconds']:.1f} s")
-  if run["select_gather_seconds"] is not None:
-    line += (f", select + gather {run['select_gather_seconds'] * 1e3:.0f} ms "
-             f"({run['select_gather_fraction_of_prefill']:.0%} of the dense prefill)")
-  if run["speedup_vs_dense"] and run["beta"] is not None:
-    line += (f", {run['speedup_vs_dense']:.2f}x dense (bound {run['bound_speedup']:.2f}x, "
-             f"{run['fraction_of_bound']:.0%} of it)")
-  if hf_tps:
-    line += f", {run['speedup_vs_hf']:.2f}x transformers ({hf_tps:.2f} tokens/s)"
-  print(line)
+def _run(variant, gen, stats, tps, dense_bytes, probe, dense_tps, hf_tps):
+  """(plain JSON fields, figures by JSON name (None: does not apply), the
+  prefill's figures) of one variant, from its rounds' prefill stats and
+  decode tokens/s."""
+  method, beta, core, _ = variant
+  sparse = core is not None
+  weight_bytes = stats[0].decode_weight_bytes
+  achieved = rounds.scaled(tps, weight_bytes / 1e9)
+  bound = dense_bytes / weight_bytes
+  selecting = [x for st in stats for x in st.selecting_prefill_rounds]
+  prefill = rounds.prefill_figures(selecting, [st.gather_seconds for st in stats],
+                                   [x for st in stats for x in st.dense_prefill_rounds])
+  speedup = None if dense_tps is None else rounds.within_bound(rounds.ratio(tps, dense_tps), bound)
+  plain = {
+      "method": method,
+      "beta": None if not sparse else parse_beta(beta),
+      "scoring": None if not sparse else core.scoring,
+      "core": None if not sparse else core.summary(),
+      "cluster_ids": None if method != "similarity" else [st.cluster_ids[0] for st in stats],
+      "weight_bytes_per_token": weight_bytes,
+      "ffn_bytes_fraction": stats[0].ffn_bytes_fraction,
+      "compile_seconds": sum(gen.compiled.compile_seconds.values()) + gen.compiled.warm_up_seconds,
+      "bound_speedup": bound,
+  }
+  figures = {
+      "decode_tokens_per_second": tps,
+      "achieved_gb_per_s": achieved,
+      "fraction_of_probe": rounds.scaled(achieved, 1 / probe.value),
+      "prefill_seconds": prefill.prefill,
+      "dense_prefill_seconds": prefill.dense_prefill if sparse else rounds.measured(selecting),
+      "gather_seconds": prefill.gather if sparse else None,
+      "select_seconds": prefill.select if sparse else None,
+      "select_gather_seconds": prefill.select_gather if sparse else None,
+      "select_gather_fraction_of_prefill": prefill.select_gather_fraction if sparse else None,
+      "speedup_vs_hf": None if hf_tps is None else rounds.ratio(tps, hf_tps),
+      "speedup_vs_dense": speedup,
+      "fraction_of_bound": None if speedup is None else rounds.scaled(speedup, 1 / bound),
+  }
+  return plain, figures, prefill
+
+
+def _report(plain, figures, prefill, prompt_len, round_count, hf_tps):
+  """A run's figures, min/median/max over the rounds, one line per kind."""
+  name = plain["method"] + ("" if plain["beta"] is None else f" β={plain['beta']} ({plain['scoring']})")
+  lines = [
+      f"{rounds.describe('decode', figures['decode_tokens_per_second'], 2, ' tokens/s')}, "
+      f"{_spread(figures['achieved_gb_per_s'], 1, ' GB/s')} "
+      f"({_spread(figures['fraction_of_probe'], 0, '%', 100)} of the probe's median)",
+      f"{rounds.describe('prefill', figures['prefill_seconds'], 1, ' ms', 1e3)} ({prompt_len} tokens), "
+      f"compile {plain['compile_seconds']:.1f} s (once)",
+  ]
+  if plain["beta"] is not None:
+    lines.append(f"{rounds.describe('dense prefill', prefill.dense_prefill, 1, ' ms', 1e3)}; "
+                 f"{rounds.describe_selection(prefill)}")
+    if figures["speedup_vs_dense"] is not None:
+      lines.append(_speedup_line(figures["speedup_vs_dense"], figures["fraction_of_bound"],
+                                 plain["bound_speedup"]))
+  if hf_tps is not None and hf_tps.reason:
+    lines.append(rounds.describe("transformers", hf_tps, 2, " tokens/s"))
+  elif hf_tps is not None:
+    lines.append(f"{rounds.describe('speedup vs transformers', figures['speedup_vs_hf'], 2, 'x')} "
+                 f"({_spread(hf_tps, 2, ' tokens/s')})")
+  over = "one round" if round_count == 1 else f"min/median/max over {round_count} rounds"
+  print(f"{name} ({over}):\n  " + "\n  ".join(lines))
+
+
+def _spread(figure, digits, unit, scale=1.0):
+  return rounds.format_spread(figure.spread, digits, unit, scale)
+
+
+def _speedup_line(speedup, fraction_of_bound, bound):
+  """The speedup over dense against its bound, or why it is noise."""
+  line = rounds.describe("speedup vs dense", speedup, 2, "x")
+  if speedup.reason:
+    return line
+  return f"{line} (bound {bound:.2f}x, {_spread(fraction_of_bound, 0, '%', 100)} of it)"
 
 
 def entry():

@@ -7,20 +7,24 @@
 
 The method flags are evaluate.py's. The examples are scored once to compile
 every (context, continuation) bucket pair, then scored again, timed, for
---rounds rounds: the median examples/s excludes compilation. The scores of
-every round must agree (they are deterministic). `host_cpu_seconds_per_example`
-is the CPU time of the calling thread (Python, tracing-free dispatch, host
-arrays) per example: the host's share, which stays small when the scorer is
-device-bound (the computation itself runs on XLA's own threads).
+--rounds rounds: examples/s excludes compilation. The scores of every round
+must agree (they are deterministic). `host_cpu_seconds_per_example` is the CPU
+time of the calling thread (Python, tracing-free dispatch, host arrays) per
+example: the host's share, which stays small when the scorer is device-bound
+(the computation itself runs on XLA's own threads). Both are reported as
+min/median/max over the rounds (on stderr; the JSON on stdout gives the median
+as before, plus `<figure>_spread` and `<figure>_reason`); `first_pass_seconds`
+is one pass, compilation included.
 """
 
 import json
-import statistics
+import sys
 import time
 
 import numpy as np
 from absl import flags
 
+from coreinfer_jax.bench import rounds
 from coreinfer_jax.cli import app, models
 from coreinfer_jax.eval import runners, tasks
 from coreinfer_jax.eval.scorer import ContinuationScorer
@@ -57,10 +61,16 @@ def main(argv):
     host.append((time.thread_time() - host0) / len(examples))
     if [r.metrics for r in again] != [r.metrics for r in first]:
       raise RuntimeError("scores changed between rounds")
+  examples_per_second, host_cpu = rounds.measured(rates), rounds.measured(host)
+  print(f"{task.name}, {len(examples)} examples, {len(policies)} methods (min/median/max over "
+        f"{len(rates)} rounds): {rounds.format_spread(examples_per_second.spread, 2, ' examples/s')}, "
+        f"{rounds.describe('host CPU', host_cpu, 2, ' ms per example', 1e3)}; first pass "
+        f"(compiles included) {warm_seconds:.1f} s", file=sys.stderr)
   result = {"task": task.name, "examples": len(examples), "methods": len(policies),
-            "first_pass_seconds": warm_seconds, "examples_per_second": statistics.median(rates),
+            "first_pass_seconds": warm_seconds,
+            **rounds.fields("examples_per_second", examples_per_second),
             "rounds": rates,
-            "host_cpu_seconds_per_example": statistics.median(host),
+            **rounds.fields("host_cpu_seconds_per_example", host_cpu),
             "compiles": dict(scorer.compiled.compiles),
             "acc_norm_mean": float(np.mean([r.metrics["acc_norm"] for r in first]))}
   print(json.dumps(result))

@@ -17,6 +17,7 @@ import sys
 from absl import flags
 
 from coreinfer_jax import checkpoint, files
+from coreinfer_jax.bench import rounds
 from coreinfer_jax.cli import app, escapes, models
 from coreinfer_jax.cli import flags as cli_flags
 from coreinfer_jax.core import methods
@@ -111,11 +112,14 @@ def main(argv):
     (result,), stats = gen.generate_ids([ids], s["max_new_tokens"], stop_strings=stop_strings,
                                         on_text=on_text)
     print("" if FLAGS.stream else result.text)
-    select_gather = (None if stats.select_seconds is None
-                     else stats.select_seconds + stats.gather_seconds)
-    print(f"[prompt {result.prompt_tokens} tokens, prefill {stats.prefill_seconds * 1e3:.1f} ms"
-          + ("" if select_gather is None else f" (select + gather {select_gather * 1e3:.1f} ms)")
-          + ("" if core is None else f" (gather {stats.gather_seconds * 1e3:.1f} ms)")
+    selection_rounds = len(stats.selecting_prefill_rounds)
+    timing = rounds.prefill_figures(stats.selecting_prefill_rounds,
+                                    [stats.gather_seconds] * selection_rounds,   # one gather, every round
+                                    stats.dense_prefill_rounds)
+    print(f"[prompt {result.prompt_tokens} tokens, "
+          + ("" if selection_rounds == 1 else f"min/median/max over {selection_rounds} rounds: ")
+          + rounds.describe("prefill", timing.prefill, 1, " ms", 1e3)
+          + ("" if core is None else f" ({rounds.describe_selection(timing)})")
           + ("" if stats.cluster_ids is None else f" (cluster {stats.cluster_ids[0]})") + ", "
           f"{len(result.token_ids)} new tokens, decode {stats.decode_tokens_per_second:.1f} tokens/s, "
           f"stop: {result.finish_reason}]", file=sys.stderr)
@@ -124,8 +128,8 @@ def main(argv):
         "token_ids": result.token_ids,
         "prompt_tokens": result.prompt_tokens,
         "finish_reason": result.finish_reason,
-        "prefill_seconds": stats.prefill_seconds,
-        "select_gather_seconds": select_gather,
+        **rounds.fields("prefill_seconds", timing.prefill),
+        **rounds.fields("select_gather_seconds", timing.select_gather if core else None),
         "gather_seconds": stats.gather_seconds if core else None,
         "ffn_bytes_fraction": stats.ffn_bytes_fraction,
         "decode_tokens_per_second": stats.decode_tokens_per_second,

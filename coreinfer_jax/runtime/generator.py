@@ -35,11 +35,13 @@ from coreinfer_jax.runtime.stopping import GenerationResult, StopTracker, eos_id
 
 @dataclasses.dataclass
 class GenerationStats:
-  prefill_seconds: float = 0.0   # dense prefill + core selection + gather
   gather_seconds: float = 0.0
-  # Core selection runs inside the prefill; with `Generator.time_selection` it
-  # is measured as this prefill minus a dense prefill of the same input.
-  select_seconds: Optional[float] = None
+  # The policy's (selecting) prefill: first the prompt's own, then, with
+  # `Generator.time_selection`, each further selection round's. Selection runs
+  # inside the prefill, so it is only seen against a dense prefill of the same
+  # input, timed after each selecting one (`dense_prefill_rounds`, else empty).
+  selecting_prefill_rounds: List[float] = dataclasses.field(default_factory=list)
+  dense_prefill_rounds: List[float] = dataclasses.field(default_factory=list)
   ffn_bytes_fraction: float = 1.0   # FFN weight bytes per decode token, sparse over dense
   decode_weight_bytes: float = 0.0  # all weight bytes one sequence's decode token reads
   decode_seconds: float = 0.0
@@ -47,8 +49,22 @@ class GenerationStats:
   cluster_ids: Optional[List[int]] = None   # similarity-guided: each sequence's cluster
 
   @property
+  def prefill_seconds(self) -> float:
+    """The prompt's prefill: selecting prefill + gather."""
+    if not self.selecting_prefill_rounds:
+      return 0.0
+    return self.selecting_prefill_rounds[0] + self.gather_seconds
+
+  @property
   def decode_tokens_per_second(self) -> float:
     return self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
+
+
+def timed(clock: Callable[[], float], fn: Callable, *args) -> Tuple[Any, float]:
+  """(fn(*args) once ready on the device, its seconds on `clock`)."""
+  t0 = clock()
+  out = jax.block_until_ready(fn(*args))
+  return out, clock() - t0
 
 
 def prefill_fn(config: ModelConfig, cache_len: int, sampling: SamplingConfig, policy: CorePolicy):
@@ -90,12 +106,16 @@ class Prefilled:
 class Generator:
   """Generates from a fixed set of parameters with one compiled step per shape,
   decoding as `policy` says (default dense); `preload` prepares every
-  compact FFN the policy's store can keep (similarity: every cluster's)."""
+  compact FFN the policy's store can keep (similarity: every cluster's).
+  `time_selection` (sparse policies) times `selection_rounds` selecting and
+  dense prefills of each prompt, alternately; `clock` times the prefill, gather
+  and decode (tests give a fake one)."""
 
   def __init__(self, config: ModelConfig, params: ModelParams, tokenizer=None, *,
                cache_len: int = 1024, buckets: Sequence[int] = DEFAULT_BUCKETS,
                sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
-               policy: CorePolicy = Dense(), preload: bool = False, time_selection: bool = False):
+               policy: CorePolicy = Dense(), preload: bool = False, time_selection: bool = False,
+               selection_rounds: int = 3, clock: Callable[[], float] = time.perf_counter):
     if policy.spec is not None and len(policy.spec.layer_k) != config.num_layers:
       raise ValueError(f"core spec for {len(policy.spec.layer_k)} layers, model has "
                        f"{config.num_layers}")
@@ -107,6 +127,8 @@ class Generator:
     self.sampling = sampling
     self.policy = policy
     self.time_selection = time_selection and policy.spec is not None
+    self.selection_rounds = selection_rounds
+    self.clock = clock
     self.key = jax.random.key(seed)
     self.compiled = CompiledFunctions()
     self.store = policy.store(self.compiled)
@@ -175,22 +197,22 @@ class Generator:
 
   def timed_prefill(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
                     stats: GenerationStats) -> Prefilled:
-    """The prefill and gather, timed into `stats` (compile first: `compile_for`)."""
+    """The prefill and gather, timed into `stats` (compile first: `compile_for`);
+    with `time_selection`, then the dense prefill and the selecting prefill
+    again, alternately, for `selection_rounds` of each."""
     tokens_BT, start_B = self.pad(prompt_ids, max_new_tokens)
-    t0 = time.perf_counter()
-    tokens, cache, core, aux = jax.block_until_ready(
-        self.prefill_padded(self.params, tokens_BT, start_B))
-    selecting_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    decode_params = jax.block_until_ready(self.store.decode_params(self.params, core, aux))
-    stats.gather_seconds = time.perf_counter() - t0
-    stats.prefill_seconds = selecting_seconds + stats.gather_seconds
+    (tokens, cache, core, aux), selecting_seconds = timed(
+        self.clock, self.prefill_padded, self.params, tokens_BT, start_B)
+    decode_params, stats.gather_seconds = timed(
+        self.clock, self.store.decode_params, self.params, core, aux)
     stats.ffn_bytes_fraction = cost.ffn_bytes_fraction(self.params, decode_params)
     stats.decode_weight_bytes = cost.decode_weight_bytes_per_sequence(self.params, decode_params)
-    if self.time_selection:
-      t0 = time.perf_counter()
-      jax.block_until_ready(self.dense_prefill_padded(self.params, tokens_BT, start_B))
-      stats.select_seconds = selecting_seconds - (time.perf_counter() - t0)
+    selecting, dense = [selecting_seconds], []
+    for round_index in range(self.selection_rounds if self.time_selection else 0):
+      if round_index:
+        selecting.append(timed(self.clock, self.prefill_padded, self.params, tokens_BT, start_B)[1])
+      dense.append(timed(self.clock, self.dense_prefill_padded, self.params, tokens_BT, start_B)[1])
+    stats.selecting_prefill_rounds, stats.dense_prefill_rounds = selecting, dense
     state = Prefilled(tokens, cache, decode_params, core, aux)
     stats.cluster_ids = None if state.cluster_ids is None else state.cluster_ids.tolist()
     return state
@@ -205,7 +227,7 @@ class Generator:
     state = self.timed_prefill(prompt_ids, max_new_tokens, stats)
     tokens, cache = state.tokens_B, state.cache
 
-    t0 = time.perf_counter()
+    t0 = self.clock()
     for _ in range(max_new_tokens - 1):
       # Dispatch step n+1 before reading token n on the host, so the host's
       # bookkeeping overlaps the device's work.
@@ -217,7 +239,7 @@ class Generator:
     else:
       tracker.add(np.asarray(tokens))
     jax.block_until_ready(cache)
-    stats.decode_seconds = time.perf_counter() - t0
+    stats.decode_seconds = self.clock() - t0
     self.recycle(state)
     return tracker.results([len(p) for p in prompt_ids]), stats
 

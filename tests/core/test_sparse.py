@@ -189,7 +189,10 @@ def test_generate_script_reports_the_core(tiny_llama_with_tokenizer, tmp_path):
   assert payload["core"] == {"k": 24, "layers": [0, 1, 2], "scoring": "magnitude", "alpha": 0.2,
                              "beta": 0.25}
   assert payload["ffn_bytes_fraction"] == pytest.approx(0.25)
-  assert isinstance(payload["select_gather_seconds"], float)
+  # Selection's cost over three rounds, or (a tiny model's selection is below
+  # its prefill's noise) why not.
+  assert (isinstance(payload["select_gather_seconds"], float)
+          or "noise" in payload["select_gather_seconds_reason"])
   assert payload["decode_compiles"] == 1
 
 
