@@ -42,8 +42,10 @@ flags.DEFINE_boolean("stream", True, "print text as it is generated")
 flags.DEFINE_string("json_out", None, "write results as JSON here")
 flags.DEFINE_boolean("preload_clusters", False, "similarity: gather every cluster's compact "
                      "FFNs at start (default: each on first use)")
-flags.DEFINE_boolean("time_selection", True, "sparse methods: also run a dense prefill of each "
-                     "prompt, to report the selection's cost (select_gather_seconds)")
+flags.DEFINE_boolean("time_selection", True, "sparse methods: time the selecting prefill "
+                     "and a dense prefill of each prompt over 3 interleaved rounds (5 extra "
+                     "prefills per prompt), to report the selection's cost "
+                     "(select_gather_seconds, or why it was not measurable)")
 FLAGS = flags.FLAGS
 
 
@@ -51,10 +53,11 @@ def _prompts():
   if (FLAGS.prompt is None) == (FLAGS.prompts_file is None):
     raise ValueError("give exactly one of --prompt or --prompts_file")
   if FLAGS.prompt is not None:
-    if not FLAGS.prompt.strip():
+    prompt = escapes.unescape(FLAGS.prompt)
+    if not prompt.strip():
       raise ValueError("--prompt is empty")
-    return [escapes.unescape(FLAGS.prompt)]
-  prompts = [line for line in files.read_text(FLAGS.prompts_file).splitlines() if line.strip()]
+    return [prompt]
+  prompts = [line for line in files.read_lines(FLAGS.prompts_file) if line.strip()]
   if not prompts:
     raise ValueError(f"{FLAGS.prompts_file} holds no prompts")
   return prompts
@@ -136,16 +139,23 @@ def main(argv):
         "decode_compiles": gen.compiled.compiles["decode"],
         "cluster_id": None if stats.cluster_ids is None else stats.cluster_ids[0],
     })
-  compile_seconds = dict(gen.compiled.compile_seconds)
+    app.write_json(FLAGS.json_out, _payload(records, len(prompts), m.path, s["method"], core,
+                                            load_seconds, gen))
   print(f"[compiles {dict(gen.compiled.compiles)}, compile seconds "
-        f"{ {k: round(v, 2) for k, v in compile_seconds.items()} }, load {load_seconds:.1f}s]",
-        file=sys.stderr)
-  payload = records[0] if len(records) == 1 else {"results": records}
-  payload.update(model=m.path, method=s["method"], core=core.summary() if core else None,
-                 load_seconds=load_seconds, compile_seconds=compile_seconds,
+        f"{ {k: round(v, 2) for k, v in gen.compiled.compile_seconds.items()} }, "
+        f"load {load_seconds:.1f}s]", file=sys.stderr)
+
+
+def _payload(records, num_prompts, path, method, core, load_seconds, gen):
+  """The JSON: one prompt's record, or every finished prompt's under "results"
+  (rewritten after each prompt, so an interrupted run keeps them)."""
+  payload = dict(records[0]) if num_prompts == 1 else {"results": records}
+  payload.update(model=path, method=method, core=core.summary() if core else None,
+                 load_seconds=load_seconds, compile_seconds=dict(gen.compiled.compile_seconds),
                  decode_compiles=gen.compiled.compiles["decode"])
-  app.write_json(FLAGS.json_out, payload)
+  return payload
 
 
 def entry():
-  app.run(main, output_files=["json_out"])
+  app.run(main, output_files=["json_out"],
+          resume="the JSON holds the prompts finished")

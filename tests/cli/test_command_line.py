@@ -111,7 +111,7 @@ def test_escapes_reach_stop_strings_and_prompts(tiny_llama_with_tokenizer, tmp_p
   proc = run_generate(*common, f"--stop={typed}", f"--json_out={stopped}")
   assert proc.returncode == 0, proc.stderr
   result = json.loads(stopped.read_text())
-  assert result["finish_reason"] == "stop" and result["text"] == text[:text.index(text[cut:cut + 2])]
+  assert result["finish_reason"] == "stop_string" and result["text"] == text[:text.index(text[cut:cut + 2])]
   proc = run_generate(model, r"--prompt=\n\t ")
   assert proc.returncode == 2 and proc.stderr.strip() == "error: --prompt is empty"
 
