@@ -19,11 +19,12 @@ def _nearest_existing(path: str) -> str:
   return path
 
 
-def _check_creatable(folder: str, flag: str) -> None:
-  """`folder` is a folder we can write in, or can be created."""
+def _check_creatable(folder: str, target: str, flag: str) -> None:
+  """`folder` (which will hold `target`) is a folder we can write in, or can be created."""
   existing = _nearest_existing(folder)
   if not os.path.isdir(existing):
-    raise NotADirectoryError(f"{flag}: {existing} is a file, so {folder} cannot be a folder")
+    raise NotADirectoryError(f"{flag}: {existing} is a file, not a folder, so {target} cannot "
+                             "be written")
   if not os.access(existing, os.W_OK | os.X_OK):
     raise PermissionError(f"{flag}: cannot write in {existing}")
 
@@ -36,7 +37,7 @@ def check_file(path: Optional[str], flag: str) -> None:
     raise IsADirectoryError(f"{flag}: {path} is a folder; give a file path")
   if os.path.exists(path) and not os.access(path, os.W_OK):
     raise PermissionError(f"{flag}: {path} is not writable")
-  _check_creatable(os.path.dirname(os.path.abspath(path)), flag)
+  _check_creatable(os.path.dirname(os.path.abspath(path)), path, flag)
 
 
 def check_dir(path: Optional[str], flag: str) -> None:
@@ -45,7 +46,7 @@ def check_dir(path: Optional[str], flag: str) -> None:
     return
   if os.path.exists(path) and not os.path.isdir(path):
     raise NotADirectoryError(f"{flag}: {path} is a file; give a folder")
-  _check_creatable(os.path.abspath(path), flag)
+  _check_creatable(os.path.abspath(path), path, flag)
 
 
 def markdown_path(markdown_out: Optional[str], json_out: str) -> str:

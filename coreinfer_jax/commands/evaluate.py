@@ -27,7 +27,7 @@ from absl import flags
 
 from coreinfer_jax import checkpoint, files
 from coreinfer_jax.analysis import plots
-from coreinfer_jax.cli import app, models, outputs
+from coreinfer_jax.cli import app, models, optional, outputs
 from coreinfer_jax.cli import flags as cli_flags
 from coreinfer_jax.core import methods
 from coreinfer_jax.core.policy import Dense, Similarity
@@ -211,4 +211,5 @@ def payload(run_settings, finished, chosen, timing):
 
 def entry():
   app.run(main, output_files=["json_out", "markdown_out", "plot"],
+          requires=[optional.Requirement("plot", "matplotlib", "matplotlib")],
           resume="rerun the same command to run only the tasks not saved")

@@ -28,6 +28,7 @@ def test_generate_script_rejects_prompt_longer_than_cache(tiny_llama_with_tokeni
                       "--max_new_tokens=4")
   assert proc.returncode == 2, proc.stderr
   assert "does not fit the cache length 32" in proc.stderr
+  assert "[loaded" not in proc.stderr and proc.stdout == ""   # before the weights, no echo
 
 
 def test_unsupported_config_in_folder_exits_nonzero(tiny_llama, tmp_path):

@@ -20,18 +20,22 @@ WORDS = "a b c d e f g h the of and to".split()
 
 
 class Running:
-  """A script started in the background, its output collected as it comes."""
+  """A Python process (`python -u ARGV`) started in the background, its output
+  collected as it comes."""
 
-  def __init__(self, script, *args):
-    self.proc = subprocess.Popen([sys.executable, "-u", os.path.join(REPO, "scripts", script),
-                                  *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True)
+  def __init__(self, *argv):
+    self.proc = subprocess.Popen([sys.executable, "-u", *argv], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, cwd=REPO)
     self.stdout, self.stderr = [], []
     self.readers = [threading.Thread(target=self._read, args=(stream, out), daemon=True)
                     for stream, out in ((self.proc.stdout, self.stdout),
                                         (self.proc.stderr, self.stderr))]
     for reader in self.readers:
       reader.start()
+
+  @staticmethod
+  def script(name, *args):
+    return Running(os.path.join(REPO, "scripts", name), *args)
 
   @staticmethod
   def _read(stream, out):
@@ -70,16 +74,14 @@ def prompts_file(tmp_path):
   return path
 
 
-@pytest.mark.parametrize("phase", ["starting", "loaded", "generating"])
+@pytest.mark.parametrize("phase", ["loaded", "generating"])
 def test_generate_interrupted_at_each_phase(phase, tiny_llama_with_tokenizer, prompts_file,
                                             tmp_path):
   out = tmp_path / "out.json"
-  run = Running("generate.py", f"--model={tiny_llama_with_tokenizer}",
+  run = Running.script("generate.py", f"--model={tiny_llama_with_tokenizer}",
                 f"--prompts_file={prompts_file}", "--max_new_tokens=24", "--cache_len=64",
                 "--nostream", f"--json_out={out}")
-  started = time.monotonic()
-  ready = {"starting": lambda: time.monotonic() - started > 0.5,
-           "loaded": lambda: any(line.startswith("[loaded") for line in run.stderr),
+  ready = {"loaded": lambda: any(line.startswith("[loaded") for line in run.stderr),
            "generating": lambda: any(line.startswith("[prompt") for line in run.stderr)}[phase]
   status, _, stderr = run.interrupt_when(ready)
   if phase == "generating":   # the prompts finished so far are in the JSON
@@ -89,6 +91,29 @@ def test_generate_interrupted_at_each_phase(phase, tiny_llama_with_tokenizer, pr
   else:
     assert_interrupted(status, stderr, saved=None)
     assert not out.exists()
+
+
+# Runs a command whose import (JAX's, in life) blocks until interrupted, after
+# saying so: SIGINT then lands while the command starts, deterministically.
+SLOW_IMPORT = """
+import importlib, sys, time
+from coreinfer_jax.cli import launch
+real_import = importlib.import_module
+def slow_import(name, *args):
+  print("importing", flush=True)
+  time.sleep(60)
+  return real_import(name, *args)
+importlib.import_module = slow_import
+launch.launch(sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate", "cluster", "calibrate"])
+def test_interrupted_while_starting(command):
+  run = Running("-c", SLOW_IMPORT, command)
+  status, _, stderr = run.interrupt_when(lambda: run.stdout == ["importing\n"])
+  last = assert_interrupted(status, stderr, saved=None)
+  assert last == "interrupted while starting: nothing was saved"
 
 
 @pytest.fixture
@@ -120,7 +145,7 @@ def test_evaluate_interrupted_after_its_first_task_resumes_the_rest(
             "--window_context=24", "--window_continuation=24", "--windows=2",
             "--buckets=32,64", "--continuation_buckets=8,16,32", "--cache_len=96", "--noprogress"]
   out = tmp_path / "eval.json"
-  run = Running("evaluate.py", *common, f"--json_out={out}")
+  run = Running.script("evaluate.py", *common, f"--json_out={out}")
   status, _, stderr = run.interrupt_when(out.exists)
   last = assert_interrupted(status, stderr, saved=str(out))
   assert "rerun the same command" in last
@@ -151,7 +176,7 @@ def test_cluster_interrupted_keeps_finished_batches_and_resumes(tiny_llama_with_
   out_dir = tmp_path / "clusters"
   common = [f"--model={tiny_llama_with_tokenizer}", f"--dataset={texts}", f"--out_dir={out_dir}",
             "--num_clusters=2", "--batch_size=2", "--noprogress"]
-  run = Running("cluster.py", *common)
+  run = Running.script("cluster.py", *common)
   status, _, stderr = run.interrupt_when(
       lambda: bool(glob.glob(str(out_dir / ".partial-*" / "batch-*.npz"))))
   last = assert_interrupted(status, stderr, saved=str(out_dir / ".partial-"))
