@@ -100,10 +100,14 @@ def difference(whole: Sequence[float], base: Sequence[float], noise_of: str) -> 
   """Round by round `whole - base` (timings in seconds, paired by round), when
   every round of `whole` took longer than every round of `base`; otherwise
   not measurable, below the noise of `noise_of` (half the wider of the two
-  sets' ranges)."""
+  sets' ranges). One round has no spread to judge by: it counts only when
+  `whole` is at least twice `base` (a difference larger than the base itself,
+  as a decode of many tokens against one)."""
   if len(whole) != len(base):
     raise ValueError(f"{len(whole)} rounds against {len(base)}")
   if len(whole) < 2:
+    if whole[0] >= 2 * base[0]:
+      return measured([whole[0] - base[0]])
     return not_measurable(f"one round cannot tell it from the {noise_of}'s noise")
   if min(whole) <= max(base):
     noise = max(max(rounds) - min(rounds) for rounds in (whole, base)) / 2

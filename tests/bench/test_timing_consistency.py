@@ -68,7 +68,8 @@ MS = 1e-3
     ([600 * MS, 620 * MS, 610 * MS], [5 * MS] * 3, [640 * MS, 660 * MS, 650 * MS], "noise"),
     # Seen: "select + gather 10.5 ms" beside "gather 44.1 ms".
     ([100 * MS, 101 * MS, 99 * MS], [44.1 * MS] * 3, [135 * MS, 130 * MS, 140 * MS], "noise"),
-    ([10 * MS], [1 * MS], [5 * MS], "one round cannot tell it"),
+    ([9 * MS], [1 * MS], [5 * MS], "one round cannot tell it"),
+    ([10 * MS], [1 * MS], [4 * MS], None),   # one round, twice the base: a real difference
     ([10 * MS, 11 * MS], [1 * MS] * 2, [], "no dense prefill was timed"),
 ])
 def test_selection_is_non_negative_and_below_its_whole_or_says_why(selecting, gather, dense, reason):
