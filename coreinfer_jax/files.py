@@ -79,7 +79,9 @@ def read_csv(path: str) -> List[Dict[str, str]]:
 
 
 def write_atomically(path: str, write: Callable[[str], None], suffix: str = "") -> None:
-  """Calls `write(temporary path)`, then renames the result to `path`."""
+  """Calls `write(temporary path)`, then renames the result to `path`
+  (creating `path`'s folder if needed)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}{suffix}"
   try:
     write(tmp)

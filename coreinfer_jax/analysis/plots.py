@@ -17,10 +17,22 @@ def _pyplot():
   return plt
 
 
+FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")   # by `path`'s extension; none: png
+
+
+def image_format(path: str) -> str:
+  """The image format `path` asks for, refusing an extension not in FORMATS."""
+  extension = os.path.splitext(path)[1][1:].lower()
+  if extension and extension not in FORMATS:
+    raise ValueError(f"{path}: a plot is written as {', '.join(FORMATS)} (by its extension), "
+                     f"not .{extension}")
+  return extension or "png"
+
+
 def _save(plt, fig, path: str, **savefig_args) -> None:
-  """Writes the figure atomically (its format from `path`'s extension), then closes it."""
-  suffix = os.path.splitext(path)[1]
-  files.write_atomically(path, lambda tmp: fig.savefig(tmp, **savefig_args), suffix=suffix)
+  """Writes the figure atomically, in the format of `path`'s extension, then closes it."""
+  image = image_format(path)
+  files.write_atomically(path, lambda tmp: fig.savefig(tmp, format=image, **savefig_args))
   plt.close(fig)
 
 

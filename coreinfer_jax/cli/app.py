@@ -128,20 +128,26 @@ def _interrupt_handler(resume: Optional[str]):
     kept = [path for path in _SAVED if _holds_work(path)]
     what = f"saved {', '.join(kept)}" if kept else "nothing was saved"
     hint = f"; {resume}" if kept and resume else ""
-    print(f"\ninterrupted: {what}{hint}", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    # os.write, not print: the signal may have landed inside a print to stderr.
+    os.write(sys.stderr.fileno(), f"\ninterrupted: {what}{hint}\n".encode())
     os._exit(EXIT_INTERRUPTED)
   return handler
 
 
+def handle_interrupt(handler) -> None:
+  """Installs `handler` for SIGINT, unless SIGINT is ignored (a background
+  job of a shell script), as Python itself leaves it then."""
+  if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+    signal.signal(signal.SIGINT, handler)
+
+
 def run(main: Callable[[Sequence[str]], Any], *, output_files: Sequence[str] = (),
-        output_dirs: Sequence[str] = (), requires: Sequence[optional.Requirement] = (),
-        resume: Optional[str] = None) -> None:
+        output_plots: Sequence[str] = (), output_dirs: Sequence[str] = (),
+        requires: Sequence[optional.Requirement] = (), resume: Optional[str] = None) -> None:
   """absl's `app.run(main)` with the checks above.
 
-  output_files / output_dirs: names of the flags holding paths the command
-  writes (a file, a folder); requires: optional dependencies, each needed when
+  output_files / output_plots / output_dirs: names of the flags holding paths
+  the command writes (a file, an image, a folder); requires: optional dependencies, each needed when
   its flag is set; resume: how a rerun resumes, said on Ctrl-C."""
   if "config" not in FLAGS:
     flags.DEFINE_string("config", "default", "named config: a file NAME.json in --configs_dir "
@@ -157,6 +163,8 @@ def run(main: Callable[[Sequence[str]], Any], *, output_files: Sequence[str] = (
       apply_named_config()
       for name in output_files:
         outputs.check_file(FLAGS[name].value, f"--{name}")
+      for name in output_plots:
+        outputs.check_plot(FLAGS[name].value, f"--{name}")
       for name in output_dirs:
         outputs.check_dir(FLAGS[name].value, f"--{name}")
       for requirement in requires:
@@ -167,5 +175,5 @@ def run(main: Callable[[Sequence[str]], Any], *, output_files: Sequence[str] = (
       print(f"error: {e}", file=sys.stderr)
       sys.exit(EXIT_USAGE)
 
-  signal.signal(signal.SIGINT, _interrupt_handler(resume))
+  handle_interrupt(_interrupt_handler(resume))
   app.run(wrapped, flags_parser=_parse_flags(main.__module__))

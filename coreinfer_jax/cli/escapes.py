@@ -1,10 +1,12 @@
 """Backslash escapes in text given by flag (`--stop="\\n\\n"`, `--prompt`).
 
 A shell passes `--stop="\\n\\n"` as a backslash and an n, twice; users mean
-two newlines. The escapes of a Python string literal are read: `\\n`, `\\t`,
-`\\r`, `\\\\` (one backslash), `\\"`, `\\'`, `\\0`, `\\xHH`, `\\uXXXX` and
-`\\UXXXXXXXX`. Any other backslash is kept as typed, and text without a
-backslash (including non-ASCII text) is unchanged.
+two newlines. These escapes of a Python string literal are read: `\\n`, `\\t`,
+`\\r`, `\\\\` (one backslash), `\\"`, `\\'`, `\\0` (NUL, one digit),
+`\\xHH`, `\\uXXXX` and `\\UXXXXXXXX`; any other backslash is kept as typed
+(`\\a`, octal and `\\N{...}` are not read), and text without a backslash
+(including non-ASCII text) is unchanged. A code point that is not a
+character (beyond U+10FFFF, or a lone UTF-16 surrogate) is refused.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ def _replace(match: re.Match) -> str:
   if code in _SIMPLE:
     return _SIMPLE[code]
   value = int(code[1:], 16)
-  return chr(value) if value <= 0x10FFFF else match.group(0)
+  if value > 0x10FFFF or 0xD800 <= value <= 0xDFFF:
+    raise ValueError(f"\\{code} is not a character (a code point beyond U+10FFFF or a "
+                     "lone surrogate)")
+  return chr(value)
 
 
 def unescape(text: str) -> str:

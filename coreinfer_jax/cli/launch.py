@@ -19,8 +19,7 @@ COMMANDS = ("analyze", "benchmark", "benchmark_scorer", "calibrate", "cluster", 
 
 def _interrupted_while_starting(signum, frame):
   del signum, frame
-  print("\ninterrupted while starting: nothing was saved", file=sys.stderr)
-  sys.stderr.flush()
+  os.write(sys.stderr.fileno(), b"\ninterrupted while starting: nothing was saved\n")
   os._exit(128 + signal.SIGINT)
 
 
@@ -29,7 +28,8 @@ def launch(name: str) -> None:
   # transformers' "PyTorch was not found" advice, printed on import: we use
   # its tokenizers only (torch is needed by --compare_hf, which says so).
   os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-  signal.signal(signal.SIGINT, _interrupted_while_starting)
+  if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:   # see app.handle_interrupt
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
   importlib.import_module(f"coreinfer_jax.commands.{name}").entry()
 
 

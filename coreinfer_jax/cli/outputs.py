@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from coreinfer_jax.analysis import plots
+
 
 def _nearest_existing(path: str) -> str:
   path = os.path.abspath(path)
@@ -33,8 +35,8 @@ def check_file(path: Optional[str], flag: str) -> None:
   """A file the command will write (None: nothing to check)."""
   if not path:
     return
-  if os.path.isdir(path):
-    raise IsADirectoryError(f"{flag}: {path} is a folder; give a file path")
+  if path.endswith(os.sep) or os.path.isdir(path):
+    raise IsADirectoryError(f"{flag}: {path} names a folder; give a file path")
   if os.path.exists(path) and not os.access(path, os.W_OK):
     raise PermissionError(f"{flag}: {path} is not writable")
   _check_creatable(os.path.dirname(os.path.abspath(path)), path, flag)
@@ -47,6 +49,17 @@ def check_dir(path: Optional[str], flag: str) -> None:
   if os.path.exists(path) and not os.path.isdir(path):
     raise NotADirectoryError(f"{flag}: {path} is a file; give a folder")
   _check_creatable(os.path.abspath(path), path, flag)
+
+
+def check_plot(path: Optional[str], flag: str) -> None:
+  """An image the command will write: a file whose extension names a format."""
+  if not path:
+    return
+  check_file(path, flag)
+  try:
+    plots.image_format(path)
+  except ValueError as e:
+    raise ValueError(f"{flag}: {e}") from None
 
 
 def markdown_path(markdown_out: Optional[str], json_out: str) -> str:

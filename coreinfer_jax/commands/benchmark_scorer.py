@@ -5,7 +5,7 @@
       --betas=0.8,0.6,0.4 --scorings=signed,magnitude,griffin --layer_sets=paper,all \
       --beta_file=docs/smollm2_beta_greedy_valid_search.json --beta_file_scorings=griffin
 
-The method flags are evaluate.py's. The examples are scored once to compile
+The method flags are evaluate.py's (`cli.method_sets`). The examples are scored once to compile
 every (context, continuation) bucket pair, then scored again, timed, for
 --rounds rounds: examples/s excludes compilation. The scores of every round
 must agree (they are deterministic). `host_cpu_seconds_per_example` is the CPU
@@ -25,13 +25,15 @@ import numpy as np
 from absl import flags
 
 from coreinfer_jax.bench import rounds
-from coreinfer_jax.cli import app, models
+from coreinfer_jax.cli import app, method_sets, models
+from coreinfer_jax.cli import flags as cli_flags
 from coreinfer_jax.eval import runners, tasks
-from coreinfer_jax.eval.scorer import ContinuationScorer
 from coreinfer_jax.runtime.batching import resolve_dtype
-from coreinfer_jax.commands import evaluate  # its method flags and builder
 
+cli_flags.define_model_flags()
+method_sets.define_flags()
 flags.DEFINE_string("task", "arc_easy", "a multiple-choice task")
+flags.DEFINE_string("json_out", None, "write the result as JSON here")
 flags.DEFINE_integer("rounds", 3, "timed passes over the examples")
 FLAGS = flags.FLAGS
 
@@ -44,11 +46,9 @@ def main(argv):
   if not FLAGS.data_dir:
     raise ValueError("--data_dir is required (the shared data folder)")
   config = models.model_config(FLAGS.model)
-  policies = evaluate.build_policies(config, models.model_fingerprint(FLAGS.model))
+  policies = method_sets.build_policies(config, models.model_fingerprint(FLAGS.model))
   m, _ = models.load(FLAGS.model, resolve_dtype(FLAGS.dtype))
-  scorer = ContinuationScorer(m.config, m.params, policies, cache_len=FLAGS.cache_len,
-                              buckets=[int(b) for b in FLAGS.buckets],
-                              continuation_buckets=[int(b) for b in FLAGS.continuation_buckets])
+  scorer = method_sets.scorer(m, policies)
   examples = tasks.load_examples(task, FLAGS.data_dir, FLAGS.limit, FLAGS.num_fewshot)
   t0 = time.perf_counter()
   first = runners.evaluate_choices(scorer, m.tokenizer, examples, task.name, progress=False)

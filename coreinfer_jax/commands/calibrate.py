@@ -40,6 +40,7 @@ import os
 import sys
 import time
 
+import numpy as np
 from absl import flags
 
 from coreinfer_jax import files
@@ -106,10 +107,16 @@ def data_record(fingerprint: str):
   return record
 
 
-def partial_identity(record: dict) -> dict:
-  """What an interrupted run's saved measurements depend on."""
-  return dict(record, target_ffn_fraction=FLAGS.target_ffn_fraction, max_loss=FLAGS.max_loss,
-              rows_per_pass=FLAGS.rows_per_pass, dtype=FLAGS.dtype)
+def partial_identity(record: dict, searched_to_target: bool) -> dict:
+  """What an interrupted run's saved measurements depend on: the additive
+  table serves any target; a greedy trajectory depends on where it stops
+  (the FFN target, or the loss bound when it is searched to that)."""
+  identity = dict(record, rows_per_pass=FLAGS.rows_per_pass,
+                  dtype=np.dtype(resolve_dtype(FLAGS.dtype)).name)
+  if FLAGS.allocation == "greedy":
+    identity.update(target_ffn_fraction=FLAGS.target_ffn_fraction,
+                    max_loss=None if searched_to_target else FLAGS.max_loss)
+  return identity
 
 
 def partial_path() -> str:
@@ -117,14 +124,20 @@ def partial_path() -> str:
 
 
 def load_partial(identity: dict) -> dict:
-  """The measurements an interrupted run of the same settings saved (or none)."""
+  """The measurements an interrupted run of the same settings saved (or none);
+  those of other settings are refused, not overwritten."""
   path = partial_path()
+  app.saved(path)
   if not os.path.exists(path):
     return {}
   saved = files.read_json(path)
-  if saved.get("identity") != identity:
-    print(f"[{path} was measured with other settings: starting afresh]", file=sys.stderr)
-    return {}
+  earlier = saved.get("identity") if isinstance(saved, dict) else None
+  if earlier != identity:
+    differ = sorted(k for k in set(earlier or {}) | set(identity)
+                    if (earlier or {}).get(k) != identity.get(k))
+    raise ValueError(f"{path} holds the measurements of an interrupted run with other settings "
+                     f"({', '.join(differ)} differ): rerun with those, or delete it to start "
+                     "afresh")
   print(f"[resuming from {path}]", file=sys.stderr)
   return saved
 
@@ -166,7 +179,7 @@ def main(argv):
     raise ValueError("held-out early stopping (--holdout_windows, --reuse_trajectory) needs --max_loss")
   if FLAGS.reuse_trajectory and not FLAGS.holdout_windows:
     raise ValueError("--reuse_trajectory needs --holdout_windows to re-stop it on")
-  identity = partial_identity(record)
+  identity = partial_identity(record, searched_to_target)
   partial = load_partial(identity)
   if FLAGS.reuse_sensitivity:
     out = additive(reused(record), config)

@@ -141,4 +141,4 @@ def main(argv):
 
 def entry():
   app.run(main, output_dirs=["out_dir"],
-          resume="rerun the same command to reuse the finished batches")
+          resume="rerun the same command (without --noresume) to reuse the finished batches")

@@ -23,39 +23,21 @@ import hashlib
 import os
 import time
 
+import numpy as np
 from absl import flags
 
 from coreinfer_jax import checkpoint, files
 from coreinfer_jax.analysis import plots
-from coreinfer_jax.cli import app, models, optional, outputs
+from coreinfer_jax.cli import app, method_sets, models, outputs
 from coreinfer_jax.cli import flags as cli_flags
-from coreinfer_jax.core import methods
-from coreinfer_jax.core.policy import Dense, Similarity
+from coreinfer_jax.core import artefacts
 from coreinfer_jax.eval import frontier, runners, tasks
-from coreinfer_jax.eval.scorer import CONTINUATION_BUCKETS, ContinuationScorer
-from coreinfer_jax.runtime.batching import DEFAULT_BUCKETS
 from coreinfer_jax.runtime.batching import resolve_dtype
 
 cli_flags.define_model_flags()
+method_sets.define_flags()
 flags.DEFINE_list("tasks", ["wikitext", "piqa"], f"tasks: {', '.join(tasks.TASKS)}")
-flags.DEFINE_list("methods", ["dense", "stability"], f"methods: {', '.join(methods.METHODS)} "
-                  "(with --beta_file, its per-layer budgets are evaluated too)")
-flags.DEFINE_list("betas", ["0.8", "0.6", "0.4"], "stability: kept fractions β")
-flags.DEFINE_list("scorings", ["signed"], "stability and --beta_file: core-neuron scorings")
-flags.DEFINE_list("layer_sets", ["paper"], "stability: sparsified layer sets, each 'paper', "
-                  "'all' or 'A:B'")
-flags.DEFINE_float("alpha", 0.2, "token-wise core fraction (signed, magnitude scorings)")
-flags.DEFINE_string("beta_file", None, "per-layer β file (scripts/calibrate.py)")
-flags.DEFINE_list("beta_file_scorings", [], "scorings for --beta_file (default: --scorings)")
-flags.DEFINE_string("cluster_dir", None, "similarity: the folder scripts/cluster.py wrote")
-flags.DEFINE_string("data_dir", None, "the shared data folder (see its SOURCES.md)")
-flags.DEFINE_integer("limit", None, "examples per multiple-choice and generation task")
 flags.DEFINE_integer("generation_limit", None, "examples per generation task (default: --limit)")
-flags.DEFINE_integer("num_fewshot", 0, "few-shot examples (taken from the end of each file)")
-flags.DEFINE_list("buckets", [str(b) for b in DEFAULT_BUCKETS], "context and prompt lengths "
-                  "padded to (fewer buckets: fewer compiles, more padding)")
-flags.DEFINE_list("continuation_buckets", [str(b) for b in CONTINUATION_BUCKETS],
-                  "continuation lengths padded to")
 flags.DEFINE_integer("windows", 8, "wikitext: number of windows")
 flags.DEFINE_integer("window_context", 256, "wikitext: context tokens per window (dense prefill)")
 flags.DEFINE_integer("window_continuation", 256, "wikitext: continuation tokens per window (scored)")
@@ -93,53 +75,30 @@ def check_calibration_disjoint(beta_file: str, data_dir: str) -> None:
                        f"{evaluated_end}): calibrate on other text or skip past them")
 
 
-def build_policies(config, fingerprint):
-  for name in FLAGS.methods:
-    methods.check_method(name)
-  policies = []
-  if "dense" in FLAGS.methods:
-    policies.append(Dense())
-  if "stability" in FLAGS.methods:
-    policies += runners.stability_methods(config, FLAGS.scorings, [float(b) for b in FLAGS.betas],
-                                            FLAGS.layer_sets, FLAGS.alpha)
-  if FLAGS.beta_file:
-    label = "beta_file:" + os.path.splitext(os.path.basename(FLAGS.beta_file))[0]
-    policies += runners.beta_file_methods(config, FLAGS.beta_file, label,
-                                            FLAGS.beta_file_scorings or FLAGS.scorings, FLAGS.alpha)
-  if "similarity" in FLAGS.methods:
-    if not FLAGS.cluster_dir:
-      raise ValueError("--method=similarity needs --cluster_dir (built by scripts/cluster.py)")
-    policies.append(Similarity(methods.load_clusters(FLAGS.cluster_dir, config, fingerprint, None)))
-  elif FLAGS.cluster_dir:
-    raise ValueError("--cluster_dir is only used with --methods=...,similarity")
-  if not policies:
-    raise ValueError("no method to evaluate")
-  return policies
-
-
 def main(argv):
   del argv
   if not FLAGS.data_dir:
     raise ValueError("--data_dir is required (the shared data folder)")
+  if FLAGS.json_out:
+    outputs.check_file(outputs.markdown_path(FLAGS.markdown_out, FLAGS.json_out), "--markdown_out")
   chosen = [tasks.get_task(name) for name in FLAGS.tasks]
   if FLAGS.beta_file and any(t.name == "wikitext" for t in chosen):
     check_calibration_disjoint(FLAGS.beta_file, FLAGS.data_dir)
   config = models.model_config(FLAGS.model)
   fingerprint = models.model_fingerprint(FLAGS.model)
-  policies = build_policies(config, fingerprint)
+  policies = method_sets.build_policies(config, fingerprint)
   run_settings = result_settings(fingerprint)
   finished = finished_tasks(FLAGS.json_out, run_settings)
   todo = [t for t in chosen if t.name not in finished]
   if finished:
+    app.saved(FLAGS.json_out)
     print(f"[resuming {FLAGS.json_out}: {', '.join(finished)} done; to run: "
           f"{', '.join(t.name for t in todo) or 'nothing'}]")
   load_seconds = 0.0
   t0 = time.perf_counter()
   if todo:
     m, load_seconds = models.load(FLAGS.model, resolve_dtype(FLAGS.dtype))
-    scorer = ContinuationScorer(m.config, m.params, policies, cache_len=FLAGS.cache_len,
-                                buckets=[int(b) for b in FLAGS.buckets],
-                                continuation_buckets=[int(b) for b in FLAGS.continuation_buckets])
+    scorer = method_sets.scorer(m, policies)
   for task in todo:
     finished[task.name] = [r.record() for r in run_task(task, scorer, m.tokenizer)]
     app.write_json(FLAGS.json_out, payload(run_settings, finished, chosen, {
@@ -167,15 +126,21 @@ def run_task(task, scorer, tokenizer):
   return runners.evaluate_generation(scorer, tokenizer, task, examples, FLAGS.progress)
 
 
-# Every flag a result depends on (the task list is not one: a rerun may add tasks).
+# Every flag a result depends on (the task list is not one: a rerun may add
+# tasks). Files count by content: the model's fingerprint, the β file's
+# sha256, the cluster artefacts' id; the dtype as resolved on this machine.
 RESULT_SETTINGS = ["model", "methods", "betas", "scorings", "layer_sets", "alpha", "beta_file",
                    "beta_file_scorings", "buckets", "continuation_buckets", "cluster_dir",
-                   "data_dir", "limit", "generation_limit", "num_fewshot", "windows",
-                   "window_context", "window_continuation", "cache_len", "dtype"]
+                   "limit", "generation_limit", "num_fewshot", "windows", "window_context",
+                   "window_continuation", "cache_len"]
 
 
 def result_settings(fingerprint):
-  return dict({n: FLAGS[n].value for n in RESULT_SETTINGS}, fingerprint=fingerprint)
+  return dict({n: FLAGS[n].value for n in RESULT_SETTINGS}, fingerprint=fingerprint,
+              data_dir=os.path.abspath(FLAGS.data_dir),
+              dtype=np.dtype(resolve_dtype(FLAGS.dtype)).name,
+              beta_file_sha256=FLAGS.beta_file and file_sha256(FLAGS.beta_file),
+              clusters=FLAGS.cluster_dir and artefacts.read_manifest(FLAGS.cluster_dir)["artefacts"])
 
 
 def finished_tasks(path, run_settings):
@@ -184,7 +149,11 @@ def finished_tasks(path, run_settings):
   if not path or not os.path.exists(path) or FLAGS.overwrite:
     return {}
   saved = files.read_json(path)
-  earlier = {k: v for k, v in saved.get("settings", {}).items() if k != "tasks"}
+  if not (isinstance(saved, dict) and isinstance(saved.get("settings"), dict)
+          and isinstance(saved.get("results"), list)):
+    raise ValueError(f"--json_out {path} exists and is not an evaluate.py output: choose "
+                     "another path, or --overwrite to replace it")
+  earlier = {k: v for k, v in saved["settings"].items() if k != "tasks"}
   if earlier != run_settings:
     differ = sorted(k for k in set(earlier) | set(run_settings)
                     if earlier.get(k) != run_settings.get(k))
@@ -210,6 +179,5 @@ def payload(run_settings, finished, chosen, timing):
 
 
 def entry():
-  app.run(main, output_files=["json_out", "markdown_out", "plot"],
-          requires=[optional.Requirement("plot", "matplotlib", "matplotlib")],
-          resume="rerun the same command to run only the tasks not saved")
+  app.run(main, output_files=["json_out", "markdown_out"], output_plots=["plot"],
+          resume="rerun the same command (without --overwrite) to run only the tasks not saved")

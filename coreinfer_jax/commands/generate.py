@@ -7,7 +7,8 @@
   coreinfer-generate --prompt="Write a haiku." --chat --stop="\\n\\n"
 
 Backslash escapes in --prompt and --stop are read as in a Python string
-(`--stop="\\n\\n"` stops at a blank line; `\\\\` is one backslash).
+(`--stop="\\n\\n"` stops at a blank line; `\\\\` is one backslash;
+--noescapes takes them as typed).
 Prompts are tokenized and checked against --cache_len before the weights load.
 """
 
@@ -37,6 +38,8 @@ flags.DEFINE_integer("top_k", 0, "0: off")
 flags.DEFINE_float("top_p", 1.0, "1: off")
 flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.DEFINE_multi_string("stop", [], f"stop string (repeatable); {escapes.HELP}")
+flags.DEFINE_boolean("escapes", True, "read backslash escapes in --prompt and --stop "
+                     "(--noescapes takes them as typed, e.g. LaTeX such as \\theta)")
 flags.DEFINE_boolean("chat", False, "wrap the prompt in the tokenizer's chat template")
 flags.DEFINE_boolean("stream", True, "print text as it is generated")
 flags.DEFINE_string("json_out", None, "write results as JSON here")
@@ -53,7 +56,7 @@ def _prompts():
   if (FLAGS.prompt is None) == (FLAGS.prompts_file is None):
     raise ValueError("give exactly one of --prompt or --prompts_file")
   if FLAGS.prompt is not None:
-    prompt = escapes.unescape(FLAGS.prompt)
+    prompt = _as_meant(FLAGS.prompt, "--prompt")
     if not prompt.strip():
       raise ValueError("--prompt is empty")
     return [prompt]
@@ -63,8 +66,18 @@ def _prompts():
   return prompts
 
 
+def _as_meant(text, flag):
+  """`text` with its escapes read (unless --noescapes)."""
+  if not FLAGS.escapes:
+    return text
+  try:
+    return escapes.unescape(text)
+  except ValueError as e:
+    raise ValueError(f"{flag}: {e}") from None
+
+
 def _stop_strings():
-  stops = [escapes.unescape(s) for s in FLAGS.stop]
+  stops = [_as_meant(s, "--stop") for s in FLAGS.stop]
   if any(not s for s in stops):
     raise ValueError("--stop is empty")
   return stops
@@ -119,13 +132,6 @@ def main(argv):
     timing = rounds.prefill_figures(stats.selecting_prefill_rounds,
                                     [stats.gather_seconds] * selection_rounds,   # one gather, every round
                                     stats.dense_prefill_rounds)
-    print(f"[prompt {result.prompt_tokens} tokens, "
-          + ("" if selection_rounds == 1 else f"min/median/max over {selection_rounds} rounds: ")
-          + rounds.describe("prefill", timing.prefill, 1, " ms", 1e3)
-          + ("" if core is None else f" ({rounds.describe_selection(timing)})")
-          + ("" if stats.cluster_ids is None else f" (cluster {stats.cluster_ids[0]})") + ", "
-          f"{len(result.token_ids)} new tokens, decode {stats.decode_tokens_per_second:.1f} tokens/s, "
-          f"stop: {result.finish_reason}]", file=sys.stderr)
     records.append({
         "text": result.text,
         "token_ids": result.token_ids,
@@ -140,7 +146,14 @@ def main(argv):
         "cluster_id": None if stats.cluster_ids is None else stats.cluster_ids[0],
     })
     app.write_json(FLAGS.json_out, _payload(records, len(prompts), m.path, s["method"], core,
-                                            load_seconds, gen))
+                                            load_seconds, gen))   # saved before it is reported
+    print(f"[prompt {result.prompt_tokens} tokens, "
+          + ("" if selection_rounds == 1 else f"min/median/max over {selection_rounds} rounds: ")
+          + rounds.describe("prefill", timing.prefill, 1, " ms", 1e3)
+          + ("" if core is None else f" ({rounds.describe_selection(timing)})")
+          + ("" if stats.cluster_ids is None else f" (cluster {stats.cluster_ids[0]})") + ", "
+          f"{len(result.token_ids)} new tokens, decode {stats.decode_tokens_per_second:.1f} tokens/s, "
+          f"stop: {result.finish_reason}]", file=sys.stderr)
   print(f"[compiles {dict(gen.compiled.compiles)}, compile seconds "
         f"{ {k: round(v, 2) for k, v in gen.compiled.compile_seconds.items()} }, "
         f"load {load_seconds:.1f}s]", file=sys.stderr)
@@ -157,5 +170,4 @@ def _payload(records, num_prompts, path, method, core, load_seconds, gen):
 
 
 def entry():
-  app.run(main, output_files=["json_out"],
-          resume="the JSON holds the prompts finished")
+  app.run(main, output_files=["json_out"])

@@ -18,7 +18,7 @@ from absl import flags
 
 from coreinfer_jax import files
 from coreinfer_jax.analysis import plots
-from coreinfer_jax.cli import app, optional, outputs
+from coreinfer_jax.cli import app, outputs
 from coreinfer_jax.eval import frontier
 
 flags.DEFINE_list("inputs", None, "evaluate.py JSON files")
@@ -102,5 +102,4 @@ def main(argv):
 
 
 def entry():
-  app.run(main, output_files=["json_out", "markdown_out", "plot"],
-          requires=[optional.Requirement("plot", "matplotlib", "matplotlib")])
+  app.run(main, output_files=["json_out", "markdown_out"], output_plots=["plot"])

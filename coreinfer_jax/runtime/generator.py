@@ -50,7 +50,8 @@ class GenerationStats:
 
   @property
   def prefill_seconds(self) -> float:
-    """The prompt's prefill: selecting prefill + gather."""
+    """The prompt's first prefill (the one whose cache decodes) + gather; the
+    further timing rounds are in `selecting_prefill_rounds`."""
     if not self.selecting_prefill_rounds:
       return 0.0
     return self.selecting_prefill_rounds[0] + self.gather_seconds

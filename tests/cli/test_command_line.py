@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from coreinfer_jax.analysis import plots
 from coreinfer_jax.cli import escapes, optional, outputs
 from tests.conftest import REPO, run_generate, run_script
 
@@ -68,7 +69,7 @@ def test_output_paths_are_checked_before_any_work(script, flag, kind, tmp_path):
 
 
 @pytest.mark.parametrize("check, make, message", [
-    (outputs.check_file, lambda p: p.mkdir(), "is a folder; give a file path"),
+    (outputs.check_file, lambda p: p.mkdir(), "names a folder; give a file path"),
     (outputs.check_file, lambda p: p.parent.joinpath("x").write_text(""), "cannot write in"),
     (outputs.check_dir, lambda p: p.write_text(""), "is a file; give a folder"),
     (outputs.check_dir, lambda p: None, "cannot write in"),
@@ -82,6 +83,28 @@ def test_output_checks(check, make, message, tmp_path, monkeypatch):
     check(str(path), "--out")
 
 
+def test_a_file_output_named_as_a_folder_is_refused(tmp_path):
+  with pytest.raises(IsADirectoryError, match="names a folder"):
+    outputs.check_file(str(tmp_path / "results") + os.sep, "--json_out")
+
+
+@pytest.mark.parametrize("name, image", [("frontier.png", "png"), ("frontier", "png"),
+                                         ("f.PDF", "pdf"), ("f.svg", "svg"), ("f.txt", None)])
+def test_plot_outputs_are_images(name, image, tmp_path):
+  path = str(tmp_path / "new" / name)
+  if image is None:
+    with pytest.raises(ValueError, match="--plot: .* not .txt"):
+      outputs.check_plot(path, "--plot")
+    return
+  outputs.check_plot(path, "--plot")
+  records = [{"task": "t", "kind": kind, "family": kind, "ffn_bytes_fraction": f, "n": 4,
+              "metrics": {"m": f}} for kind, f in (("dense", 1.0), ("stability", 0.5))]
+  plots.frontier(records, path, "title")   # its folder is created; the format follows the extension
+  magic = {"png": b"\x89PNG", "pdf": b"%PDF", "svg": b"<?xml"}[image]
+  assert open(path, "rb").read(5).startswith(magic)
+  assert os.listdir(tmp_path / "new") == [name]   # no temporary left
+
+
 def test_output_checks_accept_new_nested_paths(tmp_path):
   outputs.check_file(str(tmp_path / "new" / "deeper" / "out.json"), "--json_out")
   outputs.check_dir(str(tmp_path / "new" / "folder"), "--out_dir")
@@ -91,10 +114,16 @@ def test_output_checks_accept_new_nested_paths(tmp_path):
 @pytest.mark.parametrize("typed, meant", [
     (r"\n\n", "\n\n"), (r"a\tb", "a\tb"), (r"\\n", "\\n"), (r"C:\path", "C:\\path"),
     (r"\u00e9t\u00e9", "été"), ("été", "été"), (r"\x41\"", 'A"'), (r"\U0001F600", "\U0001F600"),
-    (r"\UFFFFFFFF", r"\UFFFFFFFF"), ("plain", "plain"),
+    ("plain", "plain"), (r"\theta", "\theta"), (r"\a\012", r"\a" + "\0" + "12"),
 ])
 def test_escape_sequences(typed, meant):
   assert escapes.unescape(typed) == meant
+
+
+@pytest.mark.parametrize("typed", [r"\UFFFFFFFF", r"a \ud800", r"\udfff"])
+def test_escapes_that_name_no_character_are_refused(typed):
+  with pytest.raises(ValueError, match="is not a character"):
+    escapes.unescape(typed)
 
 
 def test_escapes_reach_stop_strings_and_prompts(tiny_llama_with_tokenizer, tmp_path):
@@ -114,6 +143,13 @@ def test_escapes_reach_stop_strings_and_prompts(tiny_llama_with_tokenizer, tmp_p
   assert result["finish_reason"] == "stop_string" and result["text"] == text[:text.index(text[cut:cut + 2])]
   proc = run_generate(model, r"--prompt=\n\t ")
   assert proc.returncode == 2 and proc.stderr.strip() == "error: --prompt is empty"
+  proc = run_generate(model, r"--prompt=a \ud800")
+  assert proc.returncode == 2 and proc.stderr.strip() == (
+      r"error: --prompt: \ud800 is not a character (a code point beyond U+10FFFF or a lone "
+      "surrogate)")
+  # --noescapes: the same prompt is a backslash, an n, a backslash, a t: not empty.
+  proc = run_generate(model, r"--prompt=\n\t ", "--noescapes", *common[2:])
+  assert proc.returncode == 0, proc.stderr
 
 
 def run_without_torch(command, *args):

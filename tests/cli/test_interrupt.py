@@ -93,25 +93,28 @@ def test_generate_interrupted_at_each_phase(phase, tiny_llama_with_tokenizer, pr
     assert not out.exists()
 
 
-# Runs a command whose import (JAX's, in life) blocks until interrupted, after
-# saying so: SIGINT then lands while the command starts, deterministically.
-SLOW_IMPORT = """
-import importlib, sys, time
+# Runs a command whose import of JAX blocks until interrupted, after saying
+# so: SIGINT lands while the command's module is being imported.
+SLOW_JAX = """
+import sys, time
 from coreinfer_jax.cli import launch
-real_import = importlib.import_module
-def slow_import(name, *args):
-  print("importing", flush=True)
-  time.sleep(60)
-  return real_import(name, *args)
-importlib.import_module = slow_import
+
+class SlowJax:
+  def find_spec(self, name, path=None, target=None):
+    if name == "jax":
+      print("importing jax", flush=True)
+      time.sleep(60)
+    return None
+
+sys.meta_path.insert(0, SlowJax())
 launch.launch(sys.argv[1])
 """
 
 
 @pytest.mark.parametrize("command", ["generate", "evaluate", "cluster", "calibrate"])
 def test_interrupted_while_starting(command):
-  run = Running("-c", SLOW_IMPORT, command)
-  status, _, stderr = run.interrupt_when(lambda: run.stdout == ["importing\n"])
+  run = Running("-c", SLOW_JAX, command)
+  status, _, stderr = run.interrupt_when(lambda: run.stdout == ["importing jax\n"])
   last = assert_interrupted(status, stderr, saved=None)
   assert last == "interrupted while starting: nothing was saved"
 
@@ -180,9 +183,35 @@ def test_cluster_interrupted_keeps_finished_batches_and_resumes(tiny_llama_with_
   status, _, stderr = run.interrupt_when(
       lambda: bool(glob.glob(str(out_dir / ".partial-*" / "batch-*.npz"))))
   last = assert_interrupted(status, stderr, saved=str(out_dir / ".partial-"))
-  assert "rerun the same command to reuse the finished batches" in last
+  assert "rerun the same command (without --noresume) to reuse the finished batches" in last
   resumed = run_script("cluster.py", *common)
   assert resumed.returncode == 0, resumed.stderr
   manifest = json.loads((out_dir / "manifest.json").read_text())
   assert manifest["batches"]["resumed"] >= 1
   assert manifest["batches"]["resumed"] + manifest["batches"]["computed"] == 150
+
+
+def test_saved_work_of_other_settings_is_refused_not_overwritten(tiny_llama_with_tokenizer,
+                                                                 data_dir, tmp_path):
+  """A rerun never silently replaces what an earlier run saved: an evaluate.py
+  --json_out that is not its output, a calibration's partial measurements of
+  other settings (both refused before any weights load)."""
+  foreign = tmp_path / "foreign.json"
+  foreign.write_text("[1, 2]")
+  proc = run_script("evaluate.py", f"--model={tiny_llama_with_tokenizer}", f"--data_dir={data_dir}",
+                    "--tasks=wikitext", f"--json_out={foreign}")
+  assert proc.returncode == 2 and proc.stderr.strip() == (
+      f"error: --json_out {foreign} exists and is not an evaluate.py output: choose another "
+      "path, or --overwrite to replace it")
+  assert foreign.read_text() == "[1, 2]"
+
+  out = tmp_path / "beta.json"
+  partial = tmp_path / "beta.json.partial.json"
+  partial.write_text(json.dumps({"identity": {"scoring": "magnitude"}, "trajectory": []}))
+  proc = run_script("calibrate.py", f"--model={tiny_llama_with_tokenizer}", f"--out={out}",
+                    f"--data={data_dir / 'wikitext2_raw' / 'wiki.test.raw'}",
+                    "--target_ffn_fraction=0.8")
+  assert proc.returncode == 2
+  assert proc.stderr.startswith(f"error: {partial} holds the measurements of an interrupted run "
+                                "with other settings (")
+  assert "scoring" in proc.stderr and not out.exists()
