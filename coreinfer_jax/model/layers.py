@@ -104,18 +104,25 @@ def attention(p: AttentionParams, config: ModelConfig, x_BTD: jax.Array, positio
   if window is not None:
     visible_BTS = visible_BTS & (k_slot_S[None, None, :] > q_slot_T[None, :, None] - window)
   q = q.reshape(B, T, KVH, H // KVH, hd).transpose(0, 2, 3, 1, 4)   # [B, KVH, G, T, hd]
+  out = attend(q, k_cache, v_cache, visible_BTS, config.query_scale or 1.0 / math.sqrt(hd))
+  return linear(out, p.o_weight, p.o_bias), k_cache, v_cache
+
+
+def attend(q_BKGTH: jax.Array, k_cache: jax.Array, v_cache: jax.Array, visible_BTS: jax.Array,
+           scale: float) -> jax.Array:
+  """Softmax attention of grouped queries `[B, KVH, G, T, hd]` over the
+  `[B, KVH, S, hd]` caches where `visible_BTS`; returns `[B, T, KVH*G*hd]`."""
+  B, KVH, G, T, hd = q_BKGTH.shape
   if T == 1:
     # Decode: multiply-reduce reads the cache where it lies; a dot_general
     # here makes XLA:CPU copy the whole cache into its preferred layout.
-    scores = jnp.sum(q.astype(jnp.float32) * k_cache[:, :, None], axis=-1)[:, :, :, None]
+    scores = jnp.sum(q_BKGTH.astype(jnp.float32) * k_cache[:, :, None], axis=-1)[:, :, :, None]
   else:
-    scores = jnp.einsum("bkgth,bksh->bkgts", q, k_cache, preferred_element_type=jnp.float32)
-  scores = scores * (config.query_scale or 1.0 / math.sqrt(hd))
-  scores = jnp.where(visible_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, k_cache, preferred_element_type=jnp.float32)
+  scores = jnp.where(visible_BTS[:, None, None], scores * scale, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
   if T == 1:
     out = jnp.sum(probs[:, :, :, 0, :, None] * v_cache[:, :, None], axis=3)[:, :, :, None]
   else:
     out = jnp.einsum("bkgts,bksh->bkgth", probs, v_cache)
-  out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
-  return linear(out, p.o_weight, p.o_bias), k_cache, v_cache
+  return out.transpose(0, 3, 1, 2, 4).reshape(B, T, KVH * G * hd)

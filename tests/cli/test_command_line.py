@@ -24,6 +24,7 @@ OWN_FLAGS = {
     "evaluate.py": ["--tasks", "--overwrite", "--json_out", "--model"],
     "merge_results.py": ["--inputs", "--within_loss"],
     "analyze.py": ["--analysis", "--out_dir", "--dataset"],
+    "profile_decode.py": ["--repeats", "--shape", "--model", "--method"],
 }
 
 
@@ -52,6 +53,7 @@ OUTPUTS = [("generate.py", "json_out", "file"), ("evaluate.py", "json_out", "fil
            ("benchmark.py", "json_out", "file"), ("benchmark_scorer.py", "json_out", "file"),
            ("calibrate.py", "out", "file"), ("merge_results.py", "json_out", "file"),
            ("merge_results.py", "markdown_out", "file"), ("merge_results.py", "plot", "file"),
+           ("profile_decode.py", "json_out", "file"),
            ("cluster.py", "out_dir", "folder"), ("analyze.py", "out_dir", "folder")]
 
 
