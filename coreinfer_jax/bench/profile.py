@@ -15,10 +15,13 @@ say how fast that access pattern streams here:
 - `dispatch`: a jitted call that takes the step's arguments (parameters and
   cache, donated) and computes nothing: the host's cost per step.
 
-The step itself is timed as it runs (`Generator.decode`); what it takes
-beyond the kinds' sum (norms, RoPE, cache writes, residual adds, and any
-overlap or fusion the kinds alone do not show) is its `rest`. The kinds are
-timed interleaved, round by round, so machine noise hits all alike.
+The step itself is timed as it runs (`Generator.decode`), two ways: one
+blocking call (comparable with the kinds, each also one blocking call), and
+pipelined as generation runs it (many calls, one wait); what the blocking
+step takes beyond the kinds' sum (norms, RoPE, cache writes, residual adds,
+and any overlap or fusion the kinds alone do not show) is its `rest`.
+Everything is timed interleaved, round by round, so machine noise hits all
+alike.
 """
 
 from __future__ import annotations
@@ -124,25 +127,30 @@ def op_kinds(params: ModelParams, config: ModelConfig, cache: KVCache, tokens_B:
 
 @dataclasses.dataclass
 class Profile:
-  step: rounds.Figure                         # seconds per decode step
+  step: rounds.Figure                         # seconds per decode step, one blocking call
+  pipelined: rounds.Figure                    # seconds per decode step, pipelined
   kinds: List[Tuple[OpKind, rounds.Figure]]   # seconds per call, per kind
   rest: rounds.Figure                         # step minus the kinds' sum (or why not)
 
 
-def profile(kinds: Sequence[OpKind], step: Callable[[], None], repeats: int) -> Profile:
-  """Times `step` (one decode step) and every kind, interleaved, `repeats`
-  rounds after a warm-up call of each."""
-  for run in [step] + [k.run for k in kinds]:
+def profile(kinds: Sequence[OpKind], step: Callable[[], None],
+            pipelined: Callable[[], None], pipelined_steps: int, repeats: int) -> Profile:
+  """Times `step` (one decode step), `pipelined` (`pipelined_steps` decode
+  steps, one wait) and every kind, interleaved, `repeats` rounds after a
+  warm-up call of each."""
+  runs = [step, pipelined] + [k.run for k in kinds]
+  for run in runs:
     run()
-  step_rounds, kind_rounds = [], [[] for _ in kinds]
+  seconds = [[] for _ in runs]
   for _ in range(repeats):
-    step_rounds.append(_seconds(step))
-    for i, kind in enumerate(kinds):
-      kind_rounds[i].append(_seconds(kind.run))
+    for out, run in zip(seconds, runs):
+      out.append(_seconds(run))
+  step_rounds, pipelined_rounds, kind_rounds = seconds[0], seconds[1], seconds[2:]
   parts = [sum(r[i] for r in kind_rounds) for i in range(repeats)]
-  rest = rounds.difference(step_rounds, parts, "kinds' sum")
   return Profile(rounds.measured(step_rounds),
-                 [(k, rounds.measured(r)) for k, r in zip(kinds, kind_rounds)], rest)
+                 rounds.measured([s / pipelined_steps for s in pipelined_rounds]),
+                 [(k, rounds.measured(r)) for k, r in zip(kinds, kind_rounds)],
+                 rounds.difference(step_rounds, parts, "kinds' sum"))
 
 
 def _seconds(run: Callable[[], object]) -> float:

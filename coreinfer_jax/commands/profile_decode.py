@@ -10,10 +10,9 @@ batch-1 matrix-vector product, a plain XLA reduction, NumPy's and torch's
 matrix-vector products; the highest median is the limit). Then the decode
 step (after a prompt of --prompt_len random tokens, on the method's compact
 FFNs when sparse), timed two ways: pipelined, as generation runs it
-(--decode_steps calls, one wait at the end), and one blocking call at a time.
-Then each kind of operation of the step jitted alone at the step's shapes
-(`bench/profile.py`), interleaved with the blocking step for --repeats
-rounds: its bytes, time, GB/s, fraction of the limit, and the milliseconds it
+(--decode_steps calls, one wait at the end), and one blocking call at a time;
+and each kind of operation of the step jitted alone at the step's shapes
+(`bench/profile.py`), all interleaved for --repeats rounds: its bytes, time, GB/s, fraction of the limit, and the milliseconds it
 takes beyond its bytes at the limit. `rest` is the blocking step minus the
 kinds' sum. Every time is min/median/max over the rounds.
 """
@@ -24,7 +23,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from coreinfer_jax.bench import probes, profile, rounds, timing
+from coreinfer_jax.bench import probes, profile, rounds
 from coreinfer_jax.cli import app, models
 from coreinfer_jax.cli import flags as cli_flags
 from coreinfer_jax.core import cost, methods
@@ -48,6 +47,12 @@ def main(argv):
                    + cli_flags.CORE_FLAGS)
   if min(s["prompt_len"], s["decode_steps"], s["repeats"]) < 1:
     raise ValueError("--prompt_len, --decode_steps and --repeats must be at least 1")
+  # Every decode step of the run writes one more cache slot: a warm-up and
+  # `repeats` rounds of one blocking step and `decode_steps` pipelined ones.
+  room = (s["repeats"] + 1) * (s["decode_steps"] + 1)
+  if s["prompt_len"] + room > s["cache_len"]:
+    raise ValueError(f"--prompt_len + (--repeats + 1) * (--decode_steps + 1) = "
+                     f"{s['prompt_len'] + room} slots do not fit --cache_len {s['cache_len']}")
   config = models.model_config(FLAGS.model, s["shape"], FLAGS.configs_dir, FLAGS.num_layers)
   policy = methods.policy_for(s["method"], s, config, cluster_dir=s["cluster_dir"],
                               fingerprint=models.model_fingerprint(FLAGS.model, s["shape"]))
@@ -65,9 +70,6 @@ def main(argv):
   gen = Generator(m.config, m.params, cache_len=s["cache_len"], policy=policy,
                   time_selection=False)
   prompt = np.random.default_rng(0).integers(3, m.config.vocab_size, s["prompt_len"]).tolist()
-  pipelined = [timing.time_prefill_and_decode(gen, [prompt], s["decode_steps"])[1]
-               for _ in range(s["repeats"])]
-  room = s["repeats"] + 2   # the blocking steps: a warm-up and one per round
   gen.compile_for(gen.params, 1, gen.bucket([prompt], room))
   state = gen.timed_prefill([prompt], room, GenerationStats())
   kinds = profile.op_kinds(state.decode_params, m.config, jax.tree.map(lambda a: a.copy(),
@@ -75,13 +77,16 @@ def main(argv):
                            state.tokens_B, gen.sampling)
   step_state = [state.tokens_B, state.cache]
 
-  def step():
-    step_state[:] = gen.decode(state.decode_params, step_state[1], step_state[0])
-    jax.block_until_ready(step_state[0])
+  def steps(count):
+    tokens, cache = step_state
+    for _ in range(count):
+      tokens, cache = gen.decode(state.decode_params, cache, tokens)
+    step_state[:] = jax.block_until_ready((tokens, cache))
 
-  result = profile.profile(kinds, step, s["repeats"])
+  result = profile.profile(kinds, lambda: steps(1), lambda: steps(s["decode_steps"]),
+                           s["decode_steps"], s["repeats"])
   weight_bytes = cost.decode_weight_bytes_per_sequence(m.params, state.decode_params)
-  report = _report(result, pipelined, weight_bytes, limit)
+  report = _report(result, weight_bytes, limit)
   app.write_json(FLAGS.json_out, {
       "model": m.path, "random_weights": bool(s["shape"]), "method": s["method"],
       "core": None if policy.spec is None else policy.spec.summary(),
@@ -91,9 +96,9 @@ def main(argv):
       "limit": limit_name, **report})
 
 
-def _report(result: profile.Profile, pipelined, weight_bytes: float, limit: float) -> dict:
+def _report(result: profile.Profile, weight_bytes: float, limit: float) -> dict:
   """Prints the profile and returns it for the JSON."""
-  tokens = rounds.measured(pipelined)
+  tokens = rounds.per_second(1, result.pipelined)
   at_limit_ms = weight_bytes / limit / 1e6
   print(f"decode, pipelined: {rounds.describe('', tokens, 2, ' tokens/s').strip()}: "
         f"{weight_bytes / 1e6:.1f} MB of weights per token, "
