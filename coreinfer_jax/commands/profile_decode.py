@@ -10,7 +10,7 @@ batch-1 matrix-vector product, a plain XLA reduction, NumPy's and torch's
 matrix-vector products; the highest median is the limit). Then the decode
 step (after a prompt of --prompt_len random tokens, on the method's compact
 FFNs when sparse), timed two ways: pipelined, as generation runs it
-(--decode_steps calls, one wait at the end), and one blocking call at a time;
+(--pipelined_steps calls, one wait at the end), and one blocking call at a time;
 and each kind of operation of the step jitted alone at the step's shapes
 (`bench/profile.py`), all interleaved for --repeats rounds: its bytes, time, GB/s, fraction of the limit, and the milliseconds it
 takes beyond its bytes at the limit. `rest` is the blocking step minus the
@@ -35,7 +35,7 @@ cli_flags.define_core_flags()
 flags.DEFINE_string("shape", None, "a model shape in configs/shapes (random weights, real shape)")
 flags.DEFINE_integer("num_layers", None, "with --shape: override the depth (to fit memory)")
 flags.DEFINE_integer("prompt_len", 128, "prompt tokens (random ids)")
-flags.DEFINE_integer("decode_steps", 32, "pipelined decode steps timed per round")
+flags.DEFINE_integer("pipelined_steps", 32, "pipelined decode steps timed per round")
 flags.DEFINE_integer("repeats", 7, "interleaved rounds of every timing")
 flags.DEFINE_string("json_out", None, "write the profile as JSON here")
 FLAGS = flags.FLAGS
@@ -43,15 +43,15 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  s = app.settings(["shape", "dtype", "cache_len", "prompt_len", "decode_steps", "repeats"]
+  s = app.settings(["shape", "dtype", "cache_len", "prompt_len", "pipelined_steps", "repeats"]
                    + cli_flags.CORE_FLAGS)
-  if min(s["prompt_len"], s["decode_steps"], s["repeats"]) < 1:
-    raise ValueError("--prompt_len, --decode_steps and --repeats must be at least 1")
+  if min(s["prompt_len"], s["pipelined_steps"], s["repeats"]) < 1:
+    raise ValueError("--prompt_len, --pipelined_steps and --repeats must be at least 1")
   # Every decode step of the run writes one more cache slot: a warm-up and
-  # `repeats` rounds of one blocking step and `decode_steps` pipelined ones.
-  room = (s["repeats"] + 1) * (s["decode_steps"] + 1)
+  # `repeats` rounds of one blocking step and `pipelined_steps` pipelined ones.
+  room = (s["repeats"] + 1) * (s["pipelined_steps"] + 1)
   if s["prompt_len"] + room > s["cache_len"]:
-    raise ValueError(f"--prompt_len + (--repeats + 1) * (--decode_steps + 1) = "
+    raise ValueError(f"--prompt_len + (--repeats + 1) * (--pipelined_steps + 1) = "
                      f"{s['prompt_len'] + room} slots do not fit --cache_len {s['cache_len']}")
   config = models.model_config(FLAGS.model, s["shape"], FLAGS.configs_dir, FLAGS.num_layers)
   policy = methods.policy_for(s["method"], s, config, cluster_dir=s["cluster_dir"],
@@ -83,8 +83,8 @@ def main(argv):
       tokens, cache = gen.decode(state.decode_params, cache, tokens)
     step_state[:] = jax.block_until_ready((tokens, cache))
 
-  result = profile.profile(kinds, lambda: steps(1), lambda: steps(s["decode_steps"]),
-                           s["decode_steps"], s["repeats"])
+  result = profile.profile(kinds, lambda: steps(1), lambda: steps(s["pipelined_steps"]),
+                           s["pipelined_steps"], s["repeats"])
   weight_bytes = cost.decode_weight_bytes_per_sequence(m.params, state.decode_params)
   report = _report(result, weight_bytes, limit)
   app.write_json(FLAGS.json_out, {

@@ -15,7 +15,7 @@ WEIGHT_KINDS = ("attention projections", "FFN in", "FFN out", "output matrix")
 def test_profile_reports_every_kind_with_the_steps_bytes(method, tiny_llama, tmp_path):
   out = tmp_path / "profile.json"
   proc = run_script("profile_decode.py", f"--model={tiny_llama}", "--cache_len=64",
-                    "--prompt_len=8", "--repeats=2", "--decode_steps=4", f"--json_out={out}",
+                    "--prompt_len=8", "--repeats=2", "--pipelined_steps=4", f"--json_out={out}",
                     *method)
   assert proc.returncode == 0, proc.stderr
   record = json.loads(out.read_text())
@@ -37,7 +37,7 @@ def test_profile_reports_every_kind_with_the_steps_bytes(method, tiny_llama, tmp
 
 def test_profile_refuses_a_run_that_does_not_fit_the_cache(tiny_llama):
   proc = run_script("profile_decode.py", f"--model={tiny_llama}", "--cache_len=64",
-                    "--prompt_len=8", "--repeats=7", "--decode_steps=32")
+                    "--prompt_len=8", "--repeats=7", "--pipelined_steps=32")
   assert proc.returncode == 2
-  assert proc.stderr.strip() == ("error: --prompt_len + (--repeats + 1) * (--decode_steps + 1) = "
+  assert proc.stderr.strip() == ("error: --prompt_len + (--repeats + 1) * (--pipelined_steps + 1) = "
                                  "272 slots do not fit --cache_len 64")
