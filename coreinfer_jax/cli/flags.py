@@ -26,6 +26,13 @@ def define_model_flags() -> None:
   flags.DEFINE_integer("cache_len", 1024, "KV cache length (prompt bucket + new tokens must fit)")
 
 
+def define_random_input_flags() -> None:
+  """The timing commands' model shape (random weights) and random prompt."""
+  flags.DEFINE_string("shape", None, "a model shape in configs/shapes (random weights, real shape)")
+  flags.DEFINE_integer("num_layers", None, "with --shape: override the depth (to fit memory)")
+  flags.DEFINE_integer("prompt_len", 128, "prompt tokens (random ids)")
+
+
 def define_core_flags(with_method: bool = True) -> None:
   """The core settings (`SPEC_SETTINGS`), and with `with_method` the method and
   the cluster artefacts of similarity-guided decoding (`CORE_FLAGS`)."""

@@ -1,8 +1,8 @@
 """Measures the paper's findings on a model: a JSON of the numbers and a PNG each.
 
-  python scripts/analyze.py --analysis=stability --data_dir=../shared/data --out_dir=docs
-  python scripts/analyze.py --analysis=similarity --data_dir=../shared/data --out_dir=docs
-  python scripts/analyze.py --analysis=clusters --cluster_dir=clusters/tqa --data_dir=../shared/data \
+  python scripts/analyze.py --analysis=stability --data_dir=DATA --out_dir=docs
+  python scripts/analyze.py --analysis=similarity --data_dir=DATA --out_dir=docs
+  python scripts/analyze.py --analysis=clusters --cluster_dir=clusters/tqa --data_dir=DATA \
       --out_dir=docs
 
 stability:  N prompts (TruthfulQA questions by default), N_steps tokens generated densely; per step

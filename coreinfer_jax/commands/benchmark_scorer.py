@@ -1,6 +1,6 @@
 """Continuation-scorer throughput: multiple-choice examples per second for many methods.
 
-  python scripts/benchmark_scorer.py --data_dir=../shared/data --task=arc_easy --limit=50 \
+  python scripts/benchmark_scorer.py --data_dir=DATA --task=arc_easy --limit=50 \
       --methods=dense,stability,similarity --cluster_dir=clusters/tqa \
       --betas=0.8,0.6,0.4 --scorings=signed,magnitude,griffin --layer_sets=paper,all \
       --beta_file=docs/smollm2_beta_greedy_valid_search.json --beta_file_scorings=griffin

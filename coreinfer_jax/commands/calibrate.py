@@ -1,6 +1,6 @@
 """Per-layer β calibrated on data, written as the β file `--beta_file` reads.
 
-  python scripts/calibrate.py --data=../shared/data/wikitext2_tokens/valid.txt \
+  python scripts/calibrate.py --data=DATA/wikitext2_tokens/valid.txt \
       --target_ffn_fraction=0.7 --out=out/beta.json        # or --max_loss=0.05
 
 --allocation=greedy (default) lowers, step by step, the β of the layer whose

@@ -1,6 +1,6 @@
 """Builds similarity-guided core-neuron clusters offline over a dataset.
 
-  python scripts/cluster.py --dataset=truthfulqa --data_dir=../shared/data --out_dir=clusters/tqa
+  python scripts/cluster.py --dataset=truthfulqa --data_dir=DATA --out_dir=clusters/tqa
   python scripts/cluster.py --dataset=texts.jsonl --text_field=body --num_clusters=6 --out_dir=DIR
 
 Runs the dense prefill over every text (in batches, resumable: finished

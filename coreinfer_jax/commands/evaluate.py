@@ -1,6 +1,6 @@
 """Quality under sparsity on real data: dense vs sparse methods, every task kind.
 
-  python scripts/evaluate.py --data_dir=../shared/data --tasks=wikitext,piqa \
+  python scripts/evaluate.py --data_dir=DATA --tasks=wikitext,piqa \
       --methods=dense,stability --betas=0.8,0.6,0.4 --scorings=signed,magnitude \
       --layer_sets=paper,all --limit=500 --json_out=out/eval.json --plot=out/eval.png
 

@@ -32,9 +32,7 @@ from coreinfer_jax.runtime.generator import GenerationStats, Generator
 
 cli_flags.define_model_flags()
 cli_flags.define_core_flags()
-flags.DEFINE_string("shape", None, "a model shape in configs/shapes (random weights, real shape)")
-flags.DEFINE_integer("num_layers", None, "with --shape: override the depth (to fit memory)")
-flags.DEFINE_integer("prompt_len", 128, "prompt tokens (random ids)")
+cli_flags.define_random_input_flags()
 flags.DEFINE_integer("pipelined_steps", 32, "pipelined decode steps timed per round")
 flags.DEFINE_integer("repeats", 7, "interleaved rounds of every timing")
 flags.DEFINE_string("json_out", None, "write the profile as JSON here")
