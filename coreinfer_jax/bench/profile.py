@@ -7,8 +7,8 @@ Each kind is the step's own code (`layers.linear`, the FFN kind's
 say how fast that access pattern streams here:
 
 - `attention projections`: q, k, v (`bi,oi->bo` over `[out, D]`) and o;
-- `FFN in`: up and gate, `btd,fd->btf` over neuron-major `[N, D]` rows;
-- `FFN out`: down, `btf,fd->btd` over the same layout;
+- `FFN in`: up and gate, `btd,fd->btf` over `[N, D]` (neurons as rows);
+- `FFN out`: down, `btf,df->btd` over `[D, N]` (neurons as columns);
 - `attention over the cache`: scores, softmax and values over `[B, KVH, S, hd]`;
 - `output matrix`: the final norm and `bte,ve->btv`;
 - `sampling`: the step's sampler on `[B, V]` logits;
@@ -112,7 +112,7 @@ def op_kinds(params: ModelParams, config: ModelConfig, cache: KVCache, tokens_B:
                                                                  a.v_weight, a.o_weight)])),
       _kind("FFN in", "btd,fd->btf over [N, D] (up, gate)", ffn_in, (ffns, x_BTD),
             _nbytes(*_ffn_arrays(ffns, down=False))),
-      _kind("FFN out", "btf,fd->btd over [N, D] (down)", ffn_out, (ffns, x_BTD),
+      _kind("FFN out", "btf,df->btd over [D, N] (down)", ffn_out, (ffns, x_BTD),
             _nbytes(*_ffn_arrays(ffns, down=True))),
       _kind("attention over the cache", f"multiply-reduce over [B, KVH, {S}, hd]", over_cache,
             (cache.k, cache.v), _nbytes(*cache.k, *cache.v)),

@@ -17,8 +17,8 @@ class Take(Protocol):
   """What an architecture's `params(take, config)` asks for tensors with: the
   strict checkpoint reader of `convert`, or its random stand-in."""
 
-  def __call__(self, name: str, shape: Tuple[int, ...], transpose: bool = False) -> jax.Array:
-    """The tensor `name` (transposed if asked) in `shape`, converted."""
+  def __call__(self, name: str, shape: Tuple[int, ...]) -> jax.Array:
+    """The tensor `name` in `shape`, converted."""
 
   def maybe(self, name: str, shape: Tuple[int, ...], present: bool) -> Optional[jax.Array]:
     """The tensor where the config says it is `present`, else None."""
@@ -60,11 +60,11 @@ def attention_params(take: Take, c: ModelConfig, prefix: str, o_name: str) -> At
 
 
 def gated_ffn(take: Take, c: ModelConfig, prefix: str) -> FFNParams:
-  """`{prefix}.{gate,up,down}_proj` as neuron-major rows (down transposed)."""
+  """`{prefix}.{gate,up,down}_proj` in the checkpoint's `[out, in]` layout."""
   F, D = c.intermediate_size, c.hidden_size
   return FFNParams(gate_FD=take(f"{prefix}.gate_proj.weight", (F, D)),
                    up_FD=take(f"{prefix}.up_proj.weight", (F, D)),
-                   down_FD=take(f"{prefix}.down_proj.weight", (F, D), transpose=True))
+                   down_DF=take(f"{prefix}.down_proj.weight", (D, F)))
 
 
 def decoder_params(take: Take, c: ModelConfig, layers: Tuple[LayerParams, ...],

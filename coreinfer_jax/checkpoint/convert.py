@@ -35,16 +35,12 @@ class _Taker:
     self._tensors = dict(tensors)
     self._dtype = dtype
 
-  def __call__(self, name: str, shape: Tuple[int, ...], transpose: bool = False) -> jax.Array:
+  def __call__(self, name: str, shape: Tuple[int, ...]) -> jax.Array:
     if name not in self._tensors:
       raise CheckpointError(f"checkpoint is missing tensor {name!r}")
     array = np.asarray(self._tensors.pop(name)())
-    if transpose:
-      array = array.T
     if tuple(array.shape) != tuple(shape):
-      raise CheckpointError(
-          f"tensor {name!r} has shape {tuple(array.shape)}{' (transposed)' if transpose else ''}, "
-          f"expected {tuple(shape)}")
+      raise CheckpointError(f"tensor {name!r} has shape {tuple(array.shape)}, expected {tuple(shape)}")
     return jnp.asarray(np.ascontiguousarray(array), dtype=self._dtype)
 
   def maybe(self, name: str, shape: Tuple[int, ...], present: bool) -> Optional[jax.Array]:
@@ -82,7 +78,7 @@ class _RandomTaker(_Taker):
     self._key = jax.random.key(seed)
     self._count = 0
 
-  def __call__(self, name: str, shape: Tuple[int, ...], transpose: bool = False) -> jax.Array:
+  def __call__(self, name: str, shape: Tuple[int, ...]) -> jax.Array:
     self._count += 1
     if name.endswith("norm.weight") or name.endswith("layer_norm.weight"):
       return jnp.ones(shape, self._dtype)

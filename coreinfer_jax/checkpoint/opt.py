@@ -82,7 +82,7 @@ def params(take: Take, c: ModelConfig) -> ModelParams:
         ffn=FFNParams(
             up_FD=take(f"{p}.fc1.weight", (F, D)),
             up_bias_F=take(f"{p}.fc1.bias", (F,)),
-            down_FD=take(f"{p}.fc2.weight", (F, D), transpose=True),
+            down_DF=take(f"{p}.fc2.weight", (D, F)),
             down_bias_D=take(f"{p}.fc2.bias", (D,)),
         ),
     ))

@@ -1,11 +1,11 @@
 """Compact FFN weights from core-neuron indices.
 
-`gather_per_sequence` keeps, per sequence, rows `core[b]` of every
-neuron-major matrix (`PerSequenceFFN`, `[B, k, D]`), so each sequence of a
-batch decodes with its own core set; `gather_shared` keeps one set's rows for
-the whole batch (`FFNParams` of k rows). Rows are kept in ascending neuron
-order whatever the ranking: with k = F the compact FFN is the dense FFN
-itself, bit for bit.
+`gather_per_sequence` keeps, per sequence, neurons `core[b]` of every
+weight (`PerSequenceFFN`: rows of up/gate, `[B, k, D]`, and columns of down,
+`[B, D, k]`), so each sequence of a batch decodes with its own core set;
+`gather_shared` keeps one set's neurons for the whole batch (`FFNParams` of
+k neurons). Neurons are kept in ascending order whatever the ranking: with
+k = F the compact FFN is the dense FFN itself, bit for bit.
 """
 
 from __future__ import annotations
@@ -23,19 +23,25 @@ CompactFFNs = Tuple[Optional[PerSequenceFFN], ...]
 
 
 def _rows(w: Optional[jax.Array], core: jax.Array) -> Optional[jax.Array]:
+  """Rows `core` (`[k]` or `[B, k]`) of a `[F, ...]` weight: `[(B,) k, ...]`."""
   return None if w is None else jnp.take(w, jnp.sort(core, axis=-1), axis=0)
 
 
+def _columns(w_DF: jax.Array, core: jax.Array) -> jax.Array:
+  """Columns `core` (`[k]` or `[B, k]`) of a `[D, F]` weight: `[(B,) D, k]`."""
+  return jnp.moveaxis(jnp.take(w_DF, jnp.sort(core, axis=-1), axis=1), 0, -2)
+
+
 def gather_per_sequence(ffn: FFNParams, core_BK: jax.Array) -> PerSequenceFFN:
-  """Rows `core_BK[b]` of every neuron-major weight, for each sequence b."""
-  return PerSequenceFFN(up_BKD=_rows(ffn.up_FD, core_BK), down_BKD=_rows(ffn.down_FD, core_BK),
+  """Neurons `core_BK[b]` of every weight, for each sequence b."""
+  return PerSequenceFFN(up_BKD=_rows(ffn.up_FD, core_BK), down_BDK=_columns(ffn.down_DF, core_BK),
                         gate_BKD=_rows(ffn.gate_FD, core_BK),
                         up_bias_BK=_rows(ffn.up_bias_F, core_BK), down_bias_D=ffn.down_bias_D)
 
 
 def gather_shared(ffn: FFNParams, core_K: jax.Array) -> FFNParams:
-  """Rows `core_K` of every neuron-major weight, one compact FFN for the batch."""
-  return FFNParams(up_FD=_rows(ffn.up_FD, core_K), down_FD=_rows(ffn.down_FD, core_K),
+  """Neurons `core_K` of every weight, one compact FFN for the batch."""
+  return FFNParams(up_FD=_rows(ffn.up_FD, core_K), down_DF=_columns(ffn.down_DF, core_K),
                    gate_FD=_rows(ffn.gate_FD, core_K), up_bias_F=_rows(ffn.up_bias_F, core_K),
                    down_bias_D=ffn.down_bias_D)
 

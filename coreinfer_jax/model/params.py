@@ -1,8 +1,8 @@
 """Parameter pytrees, one array per layer, with a logical axis name per dimension.
 
 Linear weights keep the `[out, in]` layout of torch checkpoints, so a matmul
-is a contraction over the last axis of both operands. FFN weights are
-neuron-major (`model/ffn.py`). Optional fields are None where an architecture
+is a contraction over the last axis of both operands; FFN neurons are rows of
+up/gate and columns of down (`model/ffn.py`). Optional fields are None where an architecture
 has no such tensor.
 
 Every weight dimension has a logical name ("vocab", "embed", "heads",
