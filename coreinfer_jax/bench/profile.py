@@ -9,7 +9,8 @@ say how fast that access pattern streams here:
 - `attention projections`: q, k, v (`bi,oi->bo` over `[out, D]`) and o;
 - `FFN in`: up and gate, `btd,fd->btf` over `[N, D]` (neurons as rows);
 - `FFN out`: down, `btf,df->btd` over `[D, N]` (neurons as columns);
-- `attention over the cache`: scores, softmax and values over `[B, KVH, S, hd]`;
+- `attention over the cache`: scores, softmax and values over the cache's
+  filled span (`layers.attend_filled`), as the step reads it;
 - `output matrix`: the final norm and `bte,ve->btv`;
 - `sampling`: the step's sampler on `[B, V]` logits;
 - `dispatch`: a jitted call that takes the step's arguments (parameters and
@@ -96,12 +97,14 @@ def op_kinds(params: ModelParams, config: ModelConfig, cache: KVCache, tokens_B:
     return sum(f.project_out(jnp.ones_like(f.project_in(x)[0]))[..., :1] for f in ffns)
 
   S = cache.k[0].shape[2]
+  filled = cache.length + 1
   visible_BTS = jnp.ones((B, 1, S), bool)
   scale = config.query_scale or 1.0 / hd ** 0.5
+  span = next(n for n in layers.attention_spans(S, 1) if n >= int(filled))
 
-  def over_cache(k_caches, v_caches):
+  def over_cache(k_caches, v_caches, filled):
     q = jnp.ones((B, KVH, H // KVH, 1, hd), dtype)
-    return sum(layers.attend(q, k, v, visible_BTS, scale)[..., :1]
+    return sum(layers.attend_filled(q, k, v, visible_BTS, scale, filled)[..., :1]
                for k, v in zip(k_caches, v_caches))
 
   key = jax.random.key(0)
@@ -114,8 +117,9 @@ def op_kinds(params: ModelParams, config: ModelConfig, cache: KVCache, tokens_B:
             _nbytes(*_ffn_arrays(ffns, down=False))),
       _kind("FFN out", "btf,df->btd over [D, N] (down)", ffn_out, (ffns, x_BTD),
             _nbytes(*_ffn_arrays(ffns, down=True))),
-      _kind("attention over the cache", f"multiply-reduce over [B, KVH, {S}, hd]", over_cache,
-            (cache.k, cache.v), _nbytes(*cache.k, *cache.v)),
+      _kind("attention over the cache", f"the filled {span} of [B, KVH, {S}, hd] slots",
+            over_cache, (cache.k, cache.v, filled),
+            _nbytes(*cache.k, *cache.v) * span // S),
       _kind("output matrix", "final norm, bte,ve->btv", lambda p, x: logits(p, config, x),
             (params, x_BTD), _nbytes(params.output_embedding)),
       _kind("sampling", "the step's sampler on [B, V]",

@@ -104,8 +104,38 @@ def attention(p: AttentionParams, config: ModelConfig, x_BTD: jax.Array, positio
   if window is not None:
     visible_BTS = visible_BTS & (k_slot_S[None, None, :] > q_slot_T[None, :, None] - window)
   q = q.reshape(B, T, KVH, H // KVH, hd).transpose(0, 2, 3, 1, 4)   # [B, KVH, G, T, hd]
-  out = attend(q, k_cache, v_cache, visible_BTS, config.query_scale or 1.0 / math.sqrt(hd))
+  out = attend_filled(q, k_cache, v_cache, visible_BTS, config.query_scale or 1.0 / math.sqrt(hd),
+                      filled=write_slot + T)
   return linear(out, p.o_weight, p.o_bias), k_cache, v_cache
+
+
+def attention_spans(cache_len: int, num_tokens: int, smallest: int = 128) -> Tuple[int, ...]:
+  """The cache prefixes a chunk of `num_tokens` may attend over: powers of two
+  from `smallest` (those of at least `num_tokens` slots) and the whole cache,
+  so a chunk reads at most twice the filled part (and `smallest` slots)."""
+  spans = []
+  span = smallest
+  while span < cache_len:
+    if span >= num_tokens:
+      spans.append(span)
+    span *= 2
+  return tuple(spans) + (cache_len,)
+
+
+def attend_filled(q_BKGTH: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                  visible_BTS: jax.Array, scale: float, filled: jax.Array) -> jax.Array:
+  """`attend` over the shortest span of `attention_spans` holding the `filled`
+  slots (a traced count), chosen on the device: one compiled function serves
+  every cache length and reads only what has been written. Exact: the slots
+  past `filled` are masked in `visible_BTS` anyway."""
+  S = k_cache.shape[2]
+  spans = attention_spans(S, q_BKGTH.shape[3])
+
+  def over(span):
+    return lambda q, k, v, vis: attend(q, k[:, :, :span], v[:, :, :span], vis[..., :span], scale)
+  index = jnp.searchsorted(jnp.asarray(spans, jnp.int32), filled)   # the first span >= filled
+  return jax.lax.switch(index, [over(span) for span in spans], q_BKGTH, k_cache, v_cache,
+                        visible_BTS)
 
 
 def attend(q_BKGTH: jax.Array, k_cache: jax.Array, v_cache: jax.Array, visible_BTS: jax.Array,
@@ -113,16 +143,8 @@ def attend(q_BKGTH: jax.Array, k_cache: jax.Array, v_cache: jax.Array, visible_B
   """Softmax attention of grouped queries `[B, KVH, G, T, hd]` over the
   `[B, KVH, S, hd]` caches where `visible_BTS`; returns `[B, T, KVH*G*hd]`."""
   B, KVH, G, T, hd = q_BKGTH.shape
-  if T == 1:
-    # Decode: multiply-reduce reads the cache where it lies; a dot_general
-    # here makes XLA:CPU copy the whole cache into its preferred layout.
-    scores = jnp.sum(q_BKGTH.astype(jnp.float32) * k_cache[:, :, None], axis=-1)[:, :, :, None]
-  else:
-    scores = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, k_cache, preferred_element_type=jnp.float32)
+  scores = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, k_cache, preferred_element_type=jnp.float32)
   scores = jnp.where(visible_BTS[:, None, None], scores * scale, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-  if T == 1:
-    out = jnp.sum(probs[:, :, :, 0, :, None] * v_cache[:, :, None], axis=3)[:, :, :, None]
-  else:
-    out = jnp.einsum("bkgts,bksh->bkgth", probs, v_cache)
+  out = jnp.einsum("bkgts,bksh->bkgth", probs, v_cache)
   return out.transpose(0, 3, 1, 2, 4).reshape(B, T, KVH * G * hd)
