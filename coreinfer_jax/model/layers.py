@@ -143,8 +143,16 @@ def attend(q_BKGTH: jax.Array, k_cache: jax.Array, v_cache: jax.Array, visible_B
   """Softmax attention of grouped queries `[B, KVH, G, T, hd]` over the
   `[B, KVH, S, hd]` caches where `visible_BTS`; returns `[B, T, KVH*G*hd]`."""
   B, KVH, G, T, hd = q_BKGTH.shape
-  scores = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, k_cache, preferred_element_type=jnp.float32)
+  if T == 1:
+    # Decode: multiply-reduce reads the cache where it lies; a dot_general
+    # here makes XLA:CPU copy the whole cache into its preferred layout.
+    scores = jnp.sum(q_BKGTH.astype(jnp.float32) * k_cache[:, :, None], axis=-1)[:, :, :, None]
+  else:
+    scores = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, k_cache, preferred_element_type=jnp.float32)
   scores = jnp.where(visible_BTS[:, None, None], scores * scale, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-  out = jnp.einsum("bkgts,bksh->bkgth", probs, v_cache)
+  if T == 1:
+    out = jnp.sum(probs[:, :, :, 0, :, None] * v_cache[:, :, None], axis=3)[:, :, :, None]
+  else:
+    out = jnp.einsum("bkgts,bksh->bkgth", probs, v_cache)
   return out.transpose(0, 3, 1, 2, 4).reshape(B, T, KVH * G * hd)
