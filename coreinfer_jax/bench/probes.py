@@ -66,17 +66,26 @@ def torch_matvec(total_bytes: int, repeats: int) -> rounds.Figure:
     return _rates(sum(m.numel() * 4 for m in mats), lambda: [m @ x for m in mats], repeats)
 
 
-def machine_limits(total_bytes: int, repeats: int = 7) -> Dict[str, rounds.Figure]:
-  """Every probe available here, GB/s per repeat, by name."""
-  limits = {"xla_matvec": rounds.measured(probe_gb_per_s(total_bytes, jnp.float32,
-                                                         repeats=repeats)),
-            "xla_stream": xla_stream(total_bytes, repeats),
-            "numpy_matvec": numpy_matvec(total_bytes, repeats)}
-  if importlib.util.find_spec("torch") is not None:
-    limits["torch_matvec"] = torch_matvec(total_bytes, repeats)
+def machine_limits(total_bytes: int, repeats: int = 7, dtype=jnp.float32) -> Dict[str, rounds.Figure]:
+  """Every probe available here, GB/s per repeat, by name. The other
+  backends' probes read host memory, so they count only where JAX computes
+  on the host (the CPU backend)."""
+  limits = {"xla_matvec": rounds.measured(probe_gb_per_s(total_bytes, dtype, repeats=repeats)),
+            "xla_stream": xla_stream(total_bytes, repeats)}
+  if jax.default_backend() == "cpu":
+    limits["numpy_matvec"] = numpy_matvec(total_bytes, repeats)
+    if importlib.util.find_spec("torch") is not None:
+      limits["torch_matvec"] = torch_matvec(total_bytes, repeats)
   return limits
 
 
 def highest(limits: Dict[str, rounds.Figure]) -> str:
   """The name of the probe with the highest median: the machine's limit."""
   return max(limits, key=lambda name: limits[name].value)
+
+
+def describe(limits: Dict[str, rounds.Figure]) -> List[str]:
+  """One line per probe (min/median/max GB/s), the limit's marked."""
+  limit = highest(limits)
+  return [f"  probe {rounds.describe(name, figure, 1, ' GB/s')}{'  <- the limit' if name == limit else ''}"
+          for name, figure in limits.items()]

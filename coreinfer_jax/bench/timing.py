@@ -16,8 +16,9 @@ from coreinfer_jax.runtime.generator import GenerationStats, Generator, timed
 def probe_gb_per_s(total_bytes: int, dtype=jnp.float32, rows: int = 5632,
                    repeats: int = 10) -> List[float]:
   """The machine's weight-streaming rate, GB/s of each repeat: batch-1
-  matrix-vector products over per-array neuron-major `[rows, D]` matrices (the
-  model's own layout) that together hold `total_bytes`, in one jitted function."""
+  matrix-vector products over `[rows, D]` matrices contracted over their last
+  axis (the model's own `[out, in]` layout) that together hold `total_bytes`,
+  in one jitted function."""
   itemsize = jnp.dtype(dtype).itemsize
   cols = 2048
   count = max(1, int(total_bytes // (rows * cols * itemsize)))

@@ -30,7 +30,7 @@ import os
 import numpy as np
 from absl import flags
 
-from coreinfer_jax.bench import reference, rounds, timing
+from coreinfer_jax.bench import probes, reference, rounds, timing
 from coreinfer_jax.cli import app, models, optional
 from coreinfer_jax.cli import flags as cli_flags
 from coreinfer_jax.core import methods
@@ -84,9 +84,11 @@ def main(argv):
   print(f"[loaded {m.path} in {load_seconds:.1f}s; {dense_bytes / 1e9:.3f} GB of weights read per "
         f"dense decode token]")
 
-  probe = rounds.measured(timing.probe_gb_per_s(min(dense_bytes, 1 << 30), dtype))
-  print(f"probe: {rounds.describe('weight streaming', probe, 1, ' GB/s')} "
-        f"(min/median/max over {len(probe.rounds)} repeats)")
+  limits = probes.machine_limits(min(dense_bytes, 1 << 30), 10, dtype)
+  limit_name = probes.highest(limits)
+  print(f"machine limit: {limit_name}, {limits[limit_name].value:.1f} GB/s (the highest probe's "
+        f"median; min/median/max over 10 repeats each):")
+  print("\n".join(probes.describe(limits)))
 
   gens = [Generator(m.config, m.params, cache_len=s["cache_len"], policy=policy,
                     time_selection=True, selection_rounds=1)
@@ -120,8 +122,8 @@ def main(argv):
                    None)
   runs = []
   for variant, gen, out, tps in zip(variants, gens, variant_rounds, decode_rates):
-    plain, figures, prefill = _run(variant, gen, [st for st, _ in out], tps, dense_bytes, probe,
-                                   dense_tps, hf_tps)
+    plain, figures, prefill = _run(variant, gen, [st for st, _ in out], tps, dense_bytes,
+                                   limits[limit_name], dense_tps, hf_tps)
     runs.append({**plain, **rounds.all_fields(figures)})
     _report(plain, figures, prefill, s["prompt_len"], s["rounds"], hf_tps)
   app.write_json(FLAGS.json_out, {
@@ -133,12 +135,14 @@ def main(argv):
       "decode_steps": s["decode_steps"],
       "rounds": s["rounds"],
       "load_seconds": load_seconds,
-      **rounds.all_fields({"probe_gb_per_s": probe, "hf_decode_tokens_per_second": hf_tps}),
+      "limits_gb_per_s": {name: rounds.fields("gb_per_s", f) for name, f in limits.items()},
+      "limit": limit_name,
+      **rounds.all_fields({"hf_decode_tokens_per_second": hf_tps}),
       "runs": runs,
   })
 
 
-def _run(variant, gen, stats, tps, dense_bytes, probe, dense_tps, hf_tps):
+def _run(variant, gen, stats, tps, dense_bytes, limit, dense_tps, hf_tps):
   """(plain JSON fields, figures by JSON name (None: does not apply), the
   prefill's figures) of one variant, from its rounds' prefill stats and
   decode tokens/s."""
@@ -165,7 +169,7 @@ def _run(variant, gen, stats, tps, dense_bytes, probe, dense_tps, hf_tps):
   figures = {
       "decode_tokens_per_second": tps,
       "achieved_gb_per_s": achieved,
-      "fraction_of_probe": rounds.scaled(achieved, 1 / probe.value),
+      "fraction_of_limit": rounds.scaled(achieved, 1 / limit.value),
       "prefill_seconds": prefill.prefill,
       "dense_prefill_seconds": prefill.dense_prefill if sparse else rounds.measured(selecting),
       "gather_seconds": prefill.gather if sparse else None,
@@ -185,7 +189,7 @@ def _report(plain, figures, prefill, prompt_len, round_count, hf_tps):
   lines = [
       f"{rounds.describe('decode', figures['decode_tokens_per_second'], 2, ' tokens/s')}, "
       f"{_spread(figures['achieved_gb_per_s'], 1, ' GB/s')} "
-      f"({_spread(figures['fraction_of_probe'], 0, '%', 100)} of the probe's median)",
+      f"({_spread(figures['fraction_of_limit'], 0, '%', 100)} of the machine limit)",
       f"{rounds.describe('prefill', figures['prefill_seconds'], 1, ' ms', 1e3)} ({prompt_len} tokens), "
       f"compile {plain['compile_seconds']:.1f} s (once)",
   ]

@@ -62,8 +62,7 @@ def main(argv):
   limit = limits[limit_name].value
   print(f"[{m.path}{' (random weights)' if s['shape'] else ''}, {s['method']}; machine limit: "
         f"{limit_name} {limit:.1f} GB/s]")
-  for name, figure in limits.items():
-    print(f"  probe {rounds.describe(name, figure, 1, ' GB/s')}")
+  print("\n".join(probes.describe(limits)))
 
   gen = Generator(m.config, m.params, cache_len=s["cache_len"], policy=policy,
                   time_selection=False)

@@ -43,10 +43,21 @@ def _filter(logits_V: jax.Array, cfg: SamplingConfig) -> jax.Array:
   return logits_V
 
 
+def argmax(logits_BV: jax.Array) -> jax.Array:
+  """`jnp.argmax` over the last axis (the first index of the largest value), as
+  two plain reductions: XLA:CPU runs argmax's paired (value, index) reduction
+  at ~1 GB/s, 0.23 ms for SmolLM2's 49152 logits; a max, then the smallest
+  index holding it, takes 0.04 ms (issue #16). Logits are finite."""
+  V = logits_BV.shape[-1]
+  largest_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
+  index_V = jnp.arange(V, dtype=jnp.int32)
+  return jnp.min(jnp.where(logits_BV == largest_B1, index_V, V), axis=-1)
+
+
 def sample(logits_BV: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
   """int32 [B]. Row b draws with `fold_in(key, b)`."""
   if cfg.greedy:
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    return argmax(logits_BV)
   logits_BV = logits_BV.astype(jnp.float32) / cfg.temperature
   keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(logits_BV.shape[0]))
   draw = lambda k, l: jax.random.categorical(k, _filter(l, cfg))

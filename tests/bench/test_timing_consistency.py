@@ -169,12 +169,18 @@ def test_benchmark_prints_ordered_non_negative_spreads(tmp_path):
   lines = proc.stdout.splitlines()
   headers = [line for line in lines if line.startswith(("dense (", "stability β=0.5"))]
   assert len(headers) == 2 and all("(min/median/max over 3 rounds)" in h for h in headers), proc.stdout
-  assert any(line.startswith("probe:") and "min/median/max" in line for line in lines)
+  probe_lines = [line for line in lines if line.startswith("  probe ")]
+  assert {line.split()[1] for line in probe_lines} >= {"xla_matvec", "xla_stream", "numpy_matvec"}
+  assert sum("<- the limit" in line for line in probe_lines) == 1
   assert any("select" in line for line in lines) and any("speedup vs dense" in line for line in lines)
   _assert_printed_spreads_ordered(proc.stdout)
 
   payload = json.loads(out.read_text())
+  limits = payload["limits_gb_per_s"]
+  assert payload["limit"] == max(limits, key=lambda name: limits[name]["gb_per_s"])
   for run in payload["runs"]:
+    achieved = run["achieved_gb_per_s"] / limits[payload["limit"]]["gb_per_s"]
+    assert run["fraction_of_limit"] == pytest.approx(achieved, rel=1e-6)
     for name, spread in run.items():
       if not name.endswith("_spread"):
         continue

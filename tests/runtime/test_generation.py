@@ -8,7 +8,7 @@ import pytest
 from coreinfer_jax.checkpoint import load as loading
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.runtime.batching import pick_bucket
-from coreinfer_jax.runtime.sampling import SamplingConfig, _filter, sample
+from coreinfer_jax.runtime.sampling import SamplingConfig, _filter, argmax, sample
 from tests.conftest import random_prompts
 
 
@@ -113,3 +113,13 @@ def test_bucket_choice_and_bad_lengths():
 def test_prompt_longer_than_cache_is_an_error(tiny):
   with pytest.raises(ValueError, match="does not fit the cache length"):
     _generator(tiny, cache_len=16).generate_ids(random_prompts([20]), 4)
+
+
+def test_greedy_argmax_equals_jnp_argmax_with_ties_to_the_first_index():
+  rng = np.random.default_rng(0)
+  logits = rng.standard_normal((4, 1000)).astype(np.float32)
+  logits[1, [3, 700]] = 9.0           # a tie: the first index wins
+  logits[2] = 0.0                     # all equal
+  logits[3, -1] = 50.0                # the last index
+  np.testing.assert_array_equal(jax.jit(argmax)(jnp.asarray(logits)), np.argmax(logits, axis=-1))
+  assert jax.jit(argmax)(jnp.asarray(logits)).dtype == jnp.int32
