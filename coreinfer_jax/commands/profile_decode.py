@@ -14,7 +14,12 @@ FFNs when sparse), timed two ways: pipelined, as generation runs it
 and each kind of operation of the step jitted alone at the step's shapes
 (`bench/profile.py`), all interleaved for --repeats rounds: its bytes, time, GB/s, fraction of the limit, and the milliseconds it
 takes beyond its bytes at the limit. `rest` is the blocking step minus the
-kinds' sum. Every time is min/median/max over the rounds.
+kinds' sum. Every time is min/median/max over the rounds. Last, the step
+itself under the profiler for --pipelined_steps steps (`bench/trace.py`): its
+time per named scope of the model (attention projections, RoPE, cache
+writes, attention over the cache, FFN in / activation / out, norms, output
+matrix, sampling, other), measured inside the compiled step, with GB/s where
+the scope reads weights or the cache.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from coreinfer_jax.bench import probes, profile, rounds
+from coreinfer_jax.bench import probes, profile, rounds, trace
 from coreinfer_jax.cli import app, models
 from coreinfer_jax.cli import flags as cli_flags
 from coreinfer_jax.core import cost, methods
@@ -46,10 +51,11 @@ def main(argv):
   if min(s["prompt_len"], s["pipelined_steps"], s["repeats"]) < 1:
     raise ValueError("--prompt_len, --pipelined_steps and --repeats must be at least 1")
   # Every decode step of the run writes one more cache slot: a warm-up and
-  # `repeats` rounds of one blocking step and `pipelined_steps` pipelined ones.
-  room = (s["repeats"] + 1) * (s["pipelined_steps"] + 1)
+  # `repeats` rounds of one blocking step and `pipelined_steps` pipelined ones,
+  # then the traced steps.
+  room = (s["repeats"] + 2) * (s["pipelined_steps"] + 1)
   if s["prompt_len"] + room > s["cache_len"]:
-    raise ValueError(f"--prompt_len + (--repeats + 1) * (--pipelined_steps + 1) = "
+    raise ValueError(f"--prompt_len + (--repeats + 2) * (--pipelined_steps + 1) = "
                      f"{s['prompt_len'] + room} slots do not fit --cache_len {s['cache_len']}")
   config = models.model_config(FLAGS.model, s["shape"], FLAGS.configs_dir, FLAGS.num_layers)
   policy = methods.policy_for(s["method"], s, config, cluster_dir=s["cluster_dir"],
@@ -82,8 +88,12 @@ def main(argv):
 
   result = profile.profile(kinds, lambda: steps(1), lambda: steps(s["pipelined_steps"]),
                            s["pipelined_steps"], s["repeats"])
+  tokens, cache = step_state
+  hlo = gen.decode_hlo(state.decode_params, cache, tokens)
+  in_step = trace.scope_seconds(lambda: steps(s["pipelined_steps"]), hlo)
   weight_bytes = cost.decode_weight_bytes_per_sequence(m.params, state.decode_params)
   report = _report(result, weight_bytes, limit)
+  report["in_step"] = _report_in_step(in_step, s["pipelined_steps"], kinds)
   app.write_json(FLAGS.json_out, {
       "model": m.path, "random_weights": bool(s["shape"]), "method": s["method"],
       "core": None if policy.spec is None else policy.spec.summary(),
@@ -121,6 +131,29 @@ def _report(result: profile.Profile, weight_bytes: float, limit: float) -> dict:
           "pipelined_fraction_of_limit": tokens.value * weight_bytes / 1e9 / limit,
           **rounds.fields("blocking_step_seconds", result.step),
           "kinds": rows, **rounds.fields("rest_seconds", result.rest)}
+
+
+# The scopes of `bench/trace.py` that read what a kind of `bench/profile.py` reads.
+_SCOPE_KINDS = {"attention_projections": "attention projections", "ffn_in": "FFN in",
+                "ffn_out": "FFN out", "output_matrix": "output matrix",
+                "attention_over_cache": "attention over the cache"}
+
+
+def _report_in_step(seconds, step_count, kinds) -> list:
+  """Prints and returns the traced step's time per scope, largest first."""
+  kind_bytes = {k.name: k.bytes_read for k in kinds}
+  total = sum(seconds.values())
+  print(f"inside the step (profiler trace of {step_count} pipelined steps; thunk time summed "
+        f"over threads, {total / step_count * 1e3:.2f} ms per step):")
+  rows = []
+  for scope, sec in sorted(seconds.items(), key=lambda kv: -kv[1]):
+    per_step = sec / step_count
+    read = kind_bytes.get(_SCOPE_KINDS.get(scope), 0)
+    rate = f"{read / per_step / 1e9:>7.1f} GB/s" if read and per_step else ""
+    print(f"  {scope:<24} {per_step * 1e3:>8.3f} ms {sec / total:>6.1%} {rate}")
+    rows.append({"scope": scope, "seconds_per_step": per_step, "share": sec / total,
+                 "bytes": read, "gb_per_s": read / per_step / 1e9 if read and per_step else None})
+  return rows
 
 
 def entry():

@@ -49,6 +49,7 @@ class FFNParams:
           "gate_FD": ("neurons", "embed"), "up_bias_F": ("neurons",),
           "down_bias_D": ("embed",)}
 
+  @jax.named_scope("ffn_in")
   def project_in(self, x_BTD: jax.Array) -> Tuple[jax.Array, Optional[jax.Array]]:
     """(x upᵀ + up_bias, x gateᵀ or None), each `[B, T, N]`."""
     up = jnp.einsum("btd,fd->btf", x_BTD, self.up_FD)
@@ -60,6 +61,7 @@ class FFNParams:
   def keep(self, h_BTN: jax.Array) -> jax.Array:
     return h_BTN
 
+  @jax.named_scope("ffn_out")
   def project_out(self, h_BTN: jax.Array) -> jax.Array:
     out = jnp.einsum("btf,df->btd", h_BTN, self.down_DF)
     return out if self.down_bias_D is None else out + self.down_bias_D
@@ -82,6 +84,7 @@ class PerSequenceFFN:
   def batch(self) -> int:
     return self.up_BKD.shape[0]
 
+  @jax.named_scope("ffn_in")
   def project_in(self, x_BTD: jax.Array) -> Tuple[jax.Array, Optional[jax.Array]]:
     up = jnp.einsum("btd,bkd->btk", x_BTD, self.up_BKD)
     if self.up_bias_BK is not None:
@@ -92,6 +95,7 @@ class PerSequenceFFN:
   def keep(self, h_BTK: jax.Array) -> jax.Array:
     return h_BTK
 
+  @jax.named_scope("ffn_out")
   def project_out(self, h_BTK: jax.Array) -> jax.Array:
     out = jnp.einsum("btk,bdk->btd", h_BTK, self.down_BDK)
     return out if self.down_bias_D is None else out + self.down_bias_D
@@ -136,10 +140,11 @@ _GATE_ACTIVATIONS = {"silu_gated": jax.nn.silu,
 
 def neuron_values(config: ModelConfig, ffn: FFN, x_BTD: jax.Array) -> NeuronValues:
   up, gate = ffn.project_in(x_BTD)
-  if config.ffn_activation == "relu":
-    return NeuronValues(up, jax.nn.relu(up))
-  h = _GATE_ACTIVATIONS[config.ffn_activation](gate) * up
-  return NeuronValues(h, h)
+  with jax.named_scope("ffn_activation"):
+    if config.ffn_activation == "relu":
+      return NeuronValues(up, jax.nn.relu(up))
+    h = _GATE_ACTIVATIONS[config.ffn_activation](gate) * up
+    return NeuronValues(h, h)
 
 
 def ffn_output(ffn: FFN, h_BTN: jax.Array) -> jax.Array:

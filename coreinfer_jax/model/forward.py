@@ -35,6 +35,7 @@ def positions(cache: KVCache, num_tokens: int) -> jax.Array:
   return jnp.maximum(slots[None, :] - cache.start_B[:, None], 0)
 
 
+@jax.named_scope("embedding")
 def embed(params: ModelParams, config: ModelConfig, tokens_BT: jax.Array,
           positions_BT: jax.Array) -> jax.Array:
   x = params.embed_VE[tokens_BT]
@@ -74,6 +75,7 @@ def layer_forward(p: LayerParams, config: ModelConfig, x_BTD: jax.Array, positio
   return x_BTD, k_cache, v_cache, tapped
 
 
+@jax.named_scope("output_matrix")
 def logits(params: ModelParams, config: ModelConfig, x_BTD: jax.Array) -> jax.Array:
   if params.final_norm is not None:
     x_BTD = layers.norm(config, params.final_norm, x_BTD)

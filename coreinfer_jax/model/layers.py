@@ -20,6 +20,7 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   return scale * y.astype(x.dtype)
 
 
+@jax.named_scope("norm")
 def norm(config: ModelConfig, p: NormParams, x: jax.Array) -> jax.Array:
   """`config.norm`: RMSNorm, or LayerNorm (with bias); statistics in f32."""
   eps = config.norm_eps
@@ -80,21 +81,25 @@ def attention(p: AttentionParams, config: ModelConfig, x_BTD: jax.Array, positio
   (output [B, T, D], k_cache, v_cache)."""
   B, T, _ = x_BTD.shape
   H, KVH, hd = config.num_heads, config.num_kv_heads, config.head_dim
-  q = linear(x_BTD, p.q_weight, p.q_bias).reshape(B, T, H, hd)
-  k = linear(x_BTD, p.k_weight, p.k_bias).reshape(B, T, KVH, hd)
-  v = linear(x_BTD, p.v_weight, p.v_bias).reshape(B, T, KVH, hd)
+  with jax.named_scope("attention_projections"):
+    q = linear(x_BTD, p.q_weight, p.q_bias).reshape(B, T, H, hd)
+    k = linear(x_BTD, p.k_weight, p.k_bias).reshape(B, T, KVH, hd)
+    v = linear(x_BTD, p.v_weight, p.v_bias).reshape(B, T, KVH, hd)
   if config.qk_norm:
-    q = rms_norm(q, p.q_norm_K, config.norm_eps)
-    k = rms_norm(k, p.k_norm_K, config.norm_eps)
+    with jax.named_scope("norm"):
+      q = rms_norm(q, p.q_norm_K, config.norm_eps)
+      k = rms_norm(k, p.k_norm_K, config.norm_eps)
   if config.positions == "rope":
-    inv_freq = rope_inv_freq(config, windowed=window is not None)
-    q = apply_rope(q, positions_BT, inv_freq)
-    k = apply_rope(k, positions_BT, inv_freq)
-  zero = jnp.zeros((), jnp.int32)
-  k_cache = jax.lax.dynamic_update_slice(
-      k_cache, k.swapaxes(1, 2).astype(k_cache.dtype), (zero, zero, write_slot, zero))
-  v_cache = jax.lax.dynamic_update_slice(
-      v_cache, v.swapaxes(1, 2).astype(v_cache.dtype), (zero, zero, write_slot, zero))
+    with jax.named_scope("rope"):
+      inv_freq = rope_inv_freq(config, windowed=window is not None)
+      q = apply_rope(q, positions_BT, inv_freq)
+      k = apply_rope(k, positions_BT, inv_freq)
+  with jax.named_scope("cache_write"):
+    zero = jnp.zeros((), jnp.int32)
+    k_cache = jax.lax.dynamic_update_slice(
+        k_cache, k.swapaxes(1, 2).astype(k_cache.dtype), (zero, zero, write_slot, zero))
+    v_cache = jax.lax.dynamic_update_slice(
+        v_cache, v.swapaxes(1, 2).astype(v_cache.dtype), (zero, zero, write_slot, zero))
 
   S = k_cache.shape[2]
   q_slot_T = write_slot + jnp.arange(T, dtype=jnp.int32)
@@ -104,9 +109,11 @@ def attention(p: AttentionParams, config: ModelConfig, x_BTD: jax.Array, positio
   if window is not None:
     visible_BTS = visible_BTS & (k_slot_S[None, None, :] > q_slot_T[None, :, None] - window)
   q = q.reshape(B, T, KVH, H // KVH, hd).transpose(0, 2, 3, 1, 4)   # [B, KVH, G, T, hd]
-  out = attend_filled(q, k_cache, v_cache, visible_BTS, config.query_scale or 1.0 / math.sqrt(hd),
-                      filled=write_slot + T)
-  return linear(out, p.o_weight, p.o_bias), k_cache, v_cache
+  with jax.named_scope("attention_over_cache"):
+    out = attend_filled(q, k_cache, v_cache, visible_BTS, config.query_scale or 1.0 / math.sqrt(hd),
+                        filled=write_slot + T)
+  with jax.named_scope("attention_projections"):
+    return linear(out, p.o_weight, p.o_bias), k_cache, v_cache
 
 
 def attention_spans(cache_len: int, num_tokens: int, smallest: int = 128) -> Tuple[int, ...]:

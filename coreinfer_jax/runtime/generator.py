@@ -178,6 +178,11 @@ class Generator:
     return self.compiled("decode", self._decode, params, cache, tokens_B, self.key,
                          donate_argnums=(1,))
 
+  def decode_hlo(self, params: ModelParams, cache: KVCache, tokens_B: jax.Array) -> str:
+    """The compiled decode step's optimized HLO for these shapes (for profiling)."""
+    return self.compiled.get("decode", self._decode, params, cache, tokens_B, self.key,
+                             donate_argnums=(1,)).as_text()
+
   def compile_for(self, params: ModelParams, batch: int, bucket: int) -> None:
     """Compiles prefill, gather and decode for these shapes, and runs each once
     on dummy input: an executable's first run pays one-time costs (~1 s on

@@ -54,6 +54,7 @@ def argmax(logits_BV: jax.Array) -> jax.Array:
   return jnp.min(jnp.where(logits_BV == largest_B1, index_V, V), axis=-1)
 
 
+@jax.named_scope("sampling")
 def sample(logits_BV: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
   """int32 [B]. Row b draws with `fold_in(key, b)`."""
   if cfg.greedy:

@@ -33,11 +33,20 @@ def test_profile_reports_every_kind_with_the_steps_bytes(method, tiny_llama, tmp
     assert 0 < spread["min"] <= spread["median"] <= spread["max"]
   assert record["limit"] in record["limits_gb_per_s"]
   assert "FFN out" in proc.stdout and "machine limit" in proc.stdout
+  # Inside the traced step, every weight matrix and the cache are attributed
+  # to their scope, and the rest is small.
+  in_step = {row["scope"]: row for row in record["in_step"]}
+  for scope in ("attention_projections", "ffn_in", "ffn_out", "output_matrix",
+                "attention_over_cache", "sampling"):
+    assert in_step[scope]["seconds_per_step"] > 0, scope
+  assert in_step["ffn_out"]["bytes"] == kinds["FFN out"]["bytes"]
+  assert sum(row["share"] for row in record["in_step"]) == pytest.approx(1)
+  assert in_step.get("other", {"share": 0})["share"] < 0.5
 
 
 def test_profile_refuses_a_run_that_does_not_fit_the_cache(tiny_llama):
   proc = run_script("profile_decode.py", f"--model={tiny_llama}", "--cache_len=64",
                     "--prompt_len=8", "--repeats=7", "--pipelined_steps=32")
   assert proc.returncode == 2
-  assert proc.stderr.strip() == ("error: --prompt_len + (--repeats + 1) * (--pipelined_steps + 1) = "
-                                 "272 slots do not fit --cache_len 64")
+  assert proc.stderr.strip() == ("error: --prompt_len + (--repeats + 2) * (--pipelined_steps + 1) = "
+                                 "305 slots do not fit --cache_len 64")
