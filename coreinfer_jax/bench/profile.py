@@ -96,7 +96,7 @@ def op_kinds(params: ModelParams, config: ModelConfig, cache: KVCache, tokens_B:
   def ffn_out(ffns, x):
     return sum(f.project_out(jnp.ones_like(f.project_in(x)[0]))[..., :1] for f in ffns)
 
-  S = cache.k[0].shape[2]
+  S = cache.v[0].shape[2]
   filled = cache.length + 1
   visible_BTS = jnp.ones((B, 1, S), bool)
   scale = config.query_scale or 1.0 / hd ** 0.5

@@ -18,15 +18,16 @@ from coreinfer_jax.model.config import ModelConfig
 
 @struct.dataclass
 class KVCache:
-  k: Tuple[jax.Array, ...]   # per layer [B, KVH, S, hd]
+  k: Tuple[jax.Array, ...]   # per layer [B, KVH, hd, S]: keys slot-minor (see layers.attend)
   v: Tuple[jax.Array, ...]   # per layer [B, KVH, S, hd]
   start_B: jax.Array         # int32 [B]: first real slot of each sequence
   length: jax.Array          # int32 []: slots written so far (next write slot)
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, start_B: jax.Array, dtype) -> KVCache:
-  shape = (batch, config.num_kv_heads, max_len, config.head_dim)
-  return KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-                 v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+  k_shape = (batch, config.num_kv_heads, config.head_dim, max_len)
+  v_shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+  return KVCache(k=tuple(jnp.zeros(k_shape, dtype) for _ in range(config.num_layers)),
+                 v=tuple(jnp.zeros(v_shape, dtype) for _ in range(config.num_layers)),
                  start_B=jnp.asarray(start_B, jnp.int32),
                  length=jnp.zeros((), jnp.int32))

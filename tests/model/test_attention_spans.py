@@ -24,7 +24,7 @@ def test_attend_filled_equals_attend_over_the_whole_cache(filled, num_tokens):
   B, KVH, G, S, hd = 2, 2, 3, 512, 8
   keys = jax.random.split(jax.random.key(filled), 3)
   q = jax.random.normal(keys[0], (B, KVH, G, num_tokens, hd))
-  k_cache = jax.random.normal(keys[1], (B, KVH, S, hd))
+  k_cache = jax.random.normal(keys[1], (B, KVH, hd, S))
   v_cache = jax.random.normal(keys[2], (B, KVH, S, hd))
   q_slot_T = filled - num_tokens + jnp.arange(num_tokens)
   start_B = jnp.array([0, min(5, filled - 1)])
@@ -32,7 +32,7 @@ def test_attend_filled_equals_attend_over_the_whole_cache(filled, num_tokens):
   visible_BTS = (slots[None, None] <= q_slot_T[None, :, None]) & (slots[None, None] >= start_B[:, None, None])
   full = layers.attend(q, k_cache, v_cache, visible_BTS, 0.3)
   # Whatever lies past the filled slots must not matter.
-  garbage = jnp.where(slots[None, None, :, None] < filled, k_cache, 1e4)
+  garbage = jnp.where(slots < filled, k_cache, 1e4)
   filled_only = jax.jit(layers.attend_filled, static_argnums=4)(
       q, garbage, v_cache, visible_BTS, 0.3, jnp.int32(filled))
   chex.assert_trees_all_close(filled_only, full, atol=1e-5, rtol=1e-5)
