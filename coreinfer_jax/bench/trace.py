@@ -54,8 +54,9 @@ def _scope(op_name: str) -> str:
 
 def instruction_scopes(hlo_text: str) -> Dict[str, str]:
   """Scope of every instruction of a compiled module's HLO text, by name;
-  control flow maps to None. In order of evidence: the scope its metadata
-  names (a fusion: the one its fused instructions name most often); the
+  control flow maps to None. In order of evidence: the scope its own
+  metadata names (a fusion's is its root's); for a fusion without one, the
+  scope its fused instructions name most often; the
   weight it reads (`_WEIGHT_SCOPES`, through bitcasts); the scope of the
   first operand that has one (XLA:CPU drops the metadata of the ops it wraps,
   e.g. a norm's or a softmax's reduction, which belong with what they read)."""
@@ -86,12 +87,12 @@ def instruction_scopes(hlo_text: str) -> Dict[str, str]:
       if opcode in _CONTAINERS:
         scopes[name] = None
         continue
+      own = counted([line])
       calls = _CALLS.search(line)
-      votes = counted(computations.get(calls.group(1), [])) if calls and opcode == "fusion" else None
-      votes = votes or counted([line])
-      named = [(n, s) for s, n in votes.items() if s != OTHER]
+      fused = counted(computations.get(calls.group(1), [])) if calls and opcode == "fusion" else {}
+      named = [(n, s) for votes in (own, fused) for s, n in votes.items() if s != OTHER]
       if named:
-        scopes[name] = max(named)[1]
+        scopes[name] = named[0][1] if own.keys() - {OTHER} else max(named)[1]
         continue
       sources = [_resolve(aliases, o) for o in operands]
       weight = next((scope for pattern, scope in _WEIGHT_SCOPES
