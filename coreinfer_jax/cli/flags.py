@@ -26,6 +26,12 @@ def define_model_flags() -> None:
   flags.DEFINE_integer("cache_len", 1024, "KV cache length (prompt bucket + new tokens must fit)")
 
 
+def define_mesh_flags() -> None:
+  flags.DEFINE_integer("tp", 1, "tensor parallel: shard the model over this many devices "
+                       "(heads, FFN neurons, vocabulary; XLA_FLAGS="
+                       "--xla_force_host_platform_device_count=N gives N CPU devices)")
+
+
 def define_random_input_flags() -> None:
   """The timing commands' model shape (random weights) and random prompt."""
   flags.DEFINE_string("shape", None, "a model shape in configs/shapes (random weights, real shape)")

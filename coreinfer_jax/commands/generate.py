@@ -22,12 +22,14 @@ from coreinfer_jax.bench import rounds
 from coreinfer_jax.cli import app, escapes, models
 from coreinfer_jax.cli import flags as cli_flags
 from coreinfer_jax.core import methods
+from coreinfer_jax.runtime import mesh as meshes
 from coreinfer_jax.runtime import prompts as prompt_encoding
 from coreinfer_jax.runtime.batching import DEFAULT_BUCKETS, pick_bucket, resolve_dtype
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.runtime.sampling import SamplingConfig
 
 cli_flags.define_model_flags()
+cli_flags.define_mesh_flags()
 cli_flags.define_core_flags()
 flags.DEFINE_string("prompt", None, f"the prompt; {escapes.HELP}")
 flags.DEFINE_string("prompts_file", None, "a UTF-8 file of prompts, one per line (taken as "
@@ -100,7 +102,7 @@ def _encode_all(tokenizer, prompts, s):
 def main(argv):
   del argv
   s = app.settings(["dtype", "cache_len", "max_new_tokens", "temperature", "top_k", "top_p",
-                    "seed", "chat"] + cli_flags.CORE_FLAGS)
+                    "seed", "chat", "tp"] + cli_flags.CORE_FLAGS)
   if s["max_new_tokens"] < 1:
     raise ValueError(f"--max_new_tokens must be at least 1, got {s['max_new_tokens']}")
   sampling = SamplingConfig(s["temperature"], s["top_k"], s["top_p"])
@@ -110,6 +112,7 @@ def main(argv):
   policy = methods.policy_for(s["method"], s, config, cluster_dir=s["cluster_dir"],
                               fingerprint=models.model_fingerprint(FLAGS.model))
   core = policy.spec
+  mesh = meshes.tensor_parallel_mesh(config, s["tp"], sparse=core is not None)
   tokenizer = checkpoint.load_tokenizer(checkpoint.model_path(FLAGS.model))
   prompt_ids = _encode_all(tokenizer, prompts, s)
   m, load_seconds = models.load(FLAGS.model, resolve_dtype(s["dtype"]), with_tokenizer=False)
@@ -119,7 +122,7 @@ def main(argv):
     print(f"[{s['method']}: {core.summary()}]", file=sys.stderr)
   gen = Generator(m.config, m.params, m.tokenizer, cache_len=s["cache_len"], sampling=sampling,
                   seed=s["seed"], policy=policy, preload=FLAGS.preload_clusters,
-                  time_selection=FLAGS.time_selection)
+                  time_selection=FLAGS.time_selection, mesh=mesh)
   records = []
   for prompt, ids in zip(prompts, prompt_ids):
     if FLAGS.stream:   # a chat answer is a turn of its own, not the prompt's continuation

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from coreinfer_jax.core import cost
 from coreinfer_jax.core.gather import CoreSets
@@ -25,6 +26,7 @@ from coreinfer_jax.model.cache import KVCache
 from coreinfer_jax.model.config import ModelConfig
 from coreinfer_jax.model.forward import forward
 from coreinfer_jax.model.params import ModelParams
+from coreinfer_jax.runtime import mesh as meshes
 from coreinfer_jax.runtime import prompts
 from coreinfer_jax.runtime.batching import DEFAULT_BUCKETS, left_pad, pick_bucket
 from coreinfer_jax.runtime.compile import CompiledFunctions
@@ -68,25 +70,29 @@ def timed(clock: Callable[[], float], fn: Callable, *args) -> Tuple[Any, float]:
   return out, clock() - t0
 
 
-def prefill_fn(config: ModelConfig, cache_len: int, sampling: SamplingConfig, policy: CorePolicy):
+def prefill_fn(config: ModelConfig, cache_len: int, sampling: SamplingConfig, policy: CorePolicy,
+               place_cache: Callable[[KVCache], KVCache] = lambda cache: cache):
   """(params, tokens [B, T], start [B], key, policy arrays) -> (first new
   token [B], cache, per layer core set int32 [B, k] or None, the policy's
-  extra outputs). Dense, with the policy's selection inside the same pass."""
+  extra outputs). Dense, with the policy's selection inside the same pass;
+  `place_cache` lays the new cache out (on a mesh: by KV heads)."""
   tap = selection_tap(config.num_layers, [policy])
 
   def run(params: ModelParams, tokens_BT, start_B, key, arrays):
     logits_BV, cache, rankings = prefill(params, config, tokens_BT, start_B, tap, cache_len)
+    cache = place_cache(cache)
     core, aux = policy.core_sets(rankings, arrays, tokens_BT.shape[0])
     first = sample(logits_BV, jax.random.fold_in(key, cache.length), sampling)
     return first, cache, core, aux
   return run
 
 
-def decode_fn(config: ModelConfig, sampling: SamplingConfig):
+def decode_fn(config: ModelConfig, sampling: SamplingConfig,
+              place_cache: Callable[[KVCache], KVCache] = lambda cache: cache):
   """(params, cache, tokens [B], key) -> (next token [B], cache)."""
   def decode_step(params: ModelParams, cache: KVCache, tokens_B, key):
     logits, cache = forward(params, config, cache, tokens_B[:, None])
-    return sample(logits[:, 0], jax.random.fold_in(key, cache.length), sampling), cache
+    return sample(logits[:, 0], jax.random.fold_in(key, cache.length), sampling), place_cache(cache)
   return decode_step
 
 
@@ -110,17 +116,26 @@ class Generator:
   compact FFN the policy's store can keep (similarity: every cluster's).
   `time_selection` (sparse policies) times `selection_rounds` selecting and
   dense prefills of each prompt, alternately; `clock` times the prefill, gather
-  and decode (tests give a fake one)."""
+  and decode (tests give a fake one). With a `mesh` (`runtime.mesh.make_mesh`),
+  the parameters are placed on it by their logical axes (tensor parallel) and
+  the KV cache by KV heads; every compiled function runs over the mesh."""
 
   def __init__(self, config: ModelConfig, params: ModelParams, tokenizer=None, *,
                cache_len: int = 1024, buckets: Sequence[int] = DEFAULT_BUCKETS,
                sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
                policy: CorePolicy = Dense(), preload: bool = False, time_selection: bool = False,
-               selection_rounds: int = 3, clock: Callable[[], float] = time.perf_counter):
+               selection_rounds: int = 3, clock: Callable[[], float] = time.perf_counter,
+               mesh: Optional[Mesh] = None):
     if policy.spec is not None and len(policy.spec.layer_k) != config.num_layers:
       raise ValueError(f"core spec for {len(policy.spec.layer_k)} layers, model has "
                        f"{config.num_layers}")
+    if mesh is not None:
+      if policy.spec is not None:
+        raise ValueError(meshes.SPARSE_ON_MESH)
+      meshes.check_tensor_parallel(config, mesh.size)
+      params = meshes.place_params(params, config, mesh)
     self.config = config
+    self.mesh = mesh
     self.params = params
     self.tokenizer = tokenizer
     self.cache_len = cache_len
@@ -136,9 +151,11 @@ class Generator:
     self._arrays = policy.arrays()
     if preload:
       self.store.preload(params)
-    self._prefill = prefill_fn(config, cache_len, sampling, policy)
-    self._dense_prefill = prefill_fn(config, cache_len, sampling, Dense())
-    self._decode = decode_fn(config, sampling)
+    place_cache = ((lambda cache: cache) if mesh is None
+                   else (lambda cache: meshes.constrain_cache(cache, mesh)))
+    self._prefill = prefill_fn(config, cache_len, sampling, policy, place_cache)
+    self._dense_prefill = prefill_fn(config, cache_len, sampling, Dense(), place_cache)
+    self._decode = decode_fn(config, sampling, place_cache)
     self.eos_ids = eos_ids(config, tokenizer)
 
   def encode(self, prompt: str, chat: bool = False) -> List[int]:

@@ -1,0 +1,90 @@
+"""Tensor-parallel checks that need several devices: run by test_mesh.py in a
+process started with `--xla_force_host_platform_device_count=4` (XLA reads
+it before JAX starts, so it cannot be set inside this test session)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from coreinfer_jax.checkpoint import load as loading
+from coreinfer_jax.model.cache import init_cache
+from coreinfer_jax.model.forward import forward
+from coreinfer_jax.runtime import mesh as meshes
+from coreinfer_jax.runtime.generator import Generator
+from tests.conftest import random_prompts
+
+
+def _spec(array):
+  """The array's partition spec, one entry per dimension (JAX drops trailing Nones)."""
+  spec = tuple(array.sharding.spec)
+  return spec + (None,) * (array.ndim - len(spec))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def four_devices():
+  assert jax.device_count() == 4, "run with --xla_force_host_platform_device_count=4"
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_sharded_logits_equal_one_device(tiny_checkpoint, tp):
+  _, folder, _ = tiny_checkpoint
+  m = loading.load_model(folder, with_tokenizer=False)
+  mesh = meshes.make_mesh(tp)
+  sharded = meshes.place_params(m.params, m.config, mesh)
+  tokens = jnp.asarray(random_prompts([12], seed=3))
+  cache = init_cache(m.config, 1, 32, jnp.zeros((1,), jnp.int32), jnp.float32)
+  want, _ = jax.jit(forward, static_argnums=1)(m.params, m.config, cache, tokens)
+  got, _ = jax.jit(forward, static_argnums=1)(sharded, m.config, cache, tokens)
+  chex.assert_trees_all_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_sharded_generation_equals_one_device_and_compiles_once(tiny_llama):
+  m = loading.load_model(tiny_llama, with_tokenizer=False)
+  prompts = [random_prompts([9], seed=s)[0] for s in (1, 2)]
+  single = Generator(m.config, m.params, cache_len=64)
+  sharded = Generator(m.config, m.params, cache_len=64, mesh=meshes.make_mesh(4))
+  for ids in prompts:
+    want, _ = single.generate_ids([ids], 12)
+    got, _ = sharded.generate_ids([ids], 12)
+    assert got[0].token_ids == want[0].token_ids
+  assert sharded.compiled.compiles["decode"] == 1 and sharded.compiled.compiles["prefill"] == 1
+
+
+def test_every_decode_argument_is_placed_as_intended(tiny_llama):
+  m = loading.load_model(tiny_llama, with_tokenizer=False)   # 4 heads, 2 KV heads, F 96, vocab 128
+  gen = Generator(m.config, m.params, cache_len=64, mesh=meshes.make_mesh(4))
+  state = gen.prefill(gen.params, random_prompts([9], seed=1), 4)
+  layer = state.decode_params.layers[0]
+  specs = {"q": layer.attn.q_weight, "k": layer.attn.k_weight, "o": layer.attn.o_weight,
+           "up": layer.ffn.up_FD, "down": layer.ffn.down_DF, "norm": layer.ffn_norm.scale_D,
+           "embed": state.decode_params.embed_VE, "cache_k": state.cache.k[0],
+           "cache_v": state.cache.v[0]}
+  specs = {name: _spec(array) for name, array in specs.items()}
+  assert specs["q"] == ("tp", None)                 # heads
+  assert specs["k"] == (None, None)                 # 2 KV heads on 4 devices: replicated
+  assert specs["o"] == (None, "tp")                 # row-parallel: heads are its input
+  assert specs["up"] == ("tp", None)                # neurons as rows
+  assert specs["down"] == (None, "tp")              # neurons as columns
+  assert specs["norm"] == (None,)
+  assert specs["embed"] == ("tp", None)             # vocabulary
+  assert specs["cache_k"] == specs["cache_v"] == (None, None, None, None)
+  tokens, cache = state.tokens_B, state.cache
+  for _ in range(3):   # the step keeps the placement it was given (the cache is donated)
+    tokens, cache = gen.decode(state.decode_params, cache, tokens)
+  assert _spec(cache.k[0]) == (None, None, None, None)
+  shard_shapes = {s.data.shape for s in state.decode_params.layers[0].ffn.up_FD.addressable_shards}
+  assert shard_shapes == {(24, 64)}   # each device holds a quarter of the neurons
+  assert np.asarray(tokens).shape == (1,)
+
+
+def test_kv_heads_split_when_the_mesh_divides_them(tiny_llama):
+  m = loading.load_model(tiny_llama, with_tokenizer=False)
+  gen = Generator(m.config, m.params, cache_len=64, mesh=meshes.make_mesh(2))
+  state = gen.prefill(gen.params, random_prompts([9], seed=1), 4)
+  assert _spec(gen.params.layers[0].attn.k_weight) == ("tp", None)
+  assert _spec(state.cache.k[0]) == _spec(state.cache.v[0]) == (None, "tp", None, None)
+  tokens, cache = gen.decode(state.decode_params, state.cache, state.tokens_B)
+  assert _spec(cache.k[0]) == (None, "tp", None, None)
+
