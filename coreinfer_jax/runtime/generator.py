@@ -130,12 +130,9 @@ class Generator:
       raise ValueError(f"core spec for {len(policy.spec.layer_k)} layers, model has "
                        f"{config.num_layers}")
     if mesh is not None:
-      if policy.spec is not None:
-        raise ValueError(meshes.SPARSE_ON_MESH)
-      meshes.check_tensor_parallel(config, mesh.size)
+      meshes.check_tensor_parallel(config, mesh.size, sparse=policy.spec is not None)
       params = meshes.place_params(params, config, mesh)
     self.config = config
-    self.mesh = mesh
     self.params = params
     self.tokenizer = tokenizer
     self.cache_len = cache_len
