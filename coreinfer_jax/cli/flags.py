@@ -8,12 +8,12 @@ from absl import flags
 
 from coreinfer_jax.checkpoint.named import DEFAULT_MODEL, NAMED_MODELS
 from coreinfer_jax.core.methods import METHODS, SPEC_SETTINGS
-from coreinfer_jax.core.spec import SCORINGS
+from coreinfer_jax.core.spec import CORE_PLACEMENTS, CORE_SHARINGS, SCORINGS
 from coreinfer_jax.eval import datasets
 from coreinfer_jax.runtime.batching import DTYPES
 
 FLAGS = flags.FLAGS
-CORE_FLAGS = ["method", "cluster_dir"] + list(SPEC_SETTINGS)
+CORE_FLAGS = ["method", "cluster_dir", "core_placement", "core_sharing"] + list(SPEC_SETTINGS)
 
 
 def define_model_flags() -> None:
@@ -45,6 +45,12 @@ def define_core_flags(with_method: bool = True) -> None:
   if with_method:
     flags.DEFINE_string("method", "dense", f"decoding method: {' | '.join(METHODS)}")
     flags.DEFINE_string("cluster_dir", None, "similarity: the folder scripts/cluster.py wrote")
+    flags.DEFINE_enum("core_placement", "local", list(CORE_PLACEMENTS), "with --tp: local "
+                      "takes k/tp core neurons from each device's own block (balanced); global "
+                      "the top k overall, each row on the device owning it (unbalanced)")
+    flags.DEFINE_enum("core_sharing", "per_sequence", list(CORE_SHARINGS), "per_sequence: each "
+                      "prompt of a batch its own core set; shared: one set for the batch, "
+                      "chosen over all its prompts' tokens (a step reads k rows whatever B)")
   flags.DEFINE_string("beta", "0.4", "kept fraction of FFN neurons in each sparsified layer: "
                       "one value, or a comma list with one value per sparsified layer")
   flags.DEFINE_float("alpha", 0.2, "token-wise core fraction (signed, magnitude scorings)")

@@ -109,10 +109,10 @@ def main(argv):
   prompts = _prompts()
   stop_strings = _stop_strings()
   config = models.model_config(FLAGS.model)
+  mesh = meshes.tensor_parallel_mesh(config, s["tp"])
   policy = methods.policy_for(s["method"], s, config, cluster_dir=s["cluster_dir"],
                               fingerprint=models.model_fingerprint(FLAGS.model))
   core = policy.spec
-  mesh = meshes.tensor_parallel_mesh(config, s["tp"], sparse=core is not None)
   tokenizer = checkpoint.load_tokenizer(checkpoint.model_path(FLAGS.model))
   prompt_ids = _encode_all(tokenizer, prompts, s)
   m, load_seconds = models.load(FLAGS.model, resolve_dtype(s["dtype"]), with_tokenizer=False)
@@ -146,6 +146,8 @@ def main(argv):
         "ffn_bytes_fraction": stats.ffn_bytes_fraction,
         "decode_tokens_per_second": stats.decode_tokens_per_second,
         "decode_compiles": gen.compiled.compiles["decode"],
+        "decode_weight_bytes_per_device": stats.decode_weight_bytes_per_device,
+        "core_device_load": stats.core_device_load,
         "cluster_id": None if stats.cluster_ids is None else stats.cluster_ids[0],
     })
     app.write_json(FLAGS.json_out, _payload(records, len(prompts), m.path, s["method"], core,
@@ -168,7 +170,8 @@ def _payload(records, num_prompts, path, method, core, load_seconds, gen):
   payload = dict(records[0]) if num_prompts == 1 else {"results": records}
   payload.update(model=path, method=method, core=core.summary() if core else None,
                  load_seconds=load_seconds, compile_seconds=dict(gen.compiled.compile_seconds),
-                 decode_compiles=gen.compiled.compiles["decode"])
+                 decode_compiles=gen.compiled.compiles["decode"], tp=gen.mesh.size if gen.mesh else 1,
+                 core_placement=gen.core_placement)
   return payload
 
 

@@ -1,7 +1,8 @@
 """Byte accounting: what a decode token reads, and the FFN fractions reported.
 
 Every byte and FFN-fraction figure of the library comes from here:
-`decode_weight_bytes` (a dense decode token), `ffn_bytes_per_sequence` (per
+`decode_weight_bytes` (a dense decode token; `_per_device` on a mesh, from
+the shards), `ffn_bytes_per_sequence` (per
 FFN kind), `ffn_bytes_fraction` and `decode_weight_bytes_per_sequence` (a
 sparse decode against dense), `spec_ffn_bytes_fraction` (from a core spec's
 sizes alone, no gather) and `kept_rows_fraction` (calibration's budget).
@@ -38,6 +39,13 @@ def decode_weight_bytes(params: ModelParams) -> int:
   if params.positions_PD is not None:
     total += params.positions_PD.shape[1] * params.positions_PD.dtype.itemsize
   return total
+
+
+def decode_weight_bytes_per_device(params: ModelParams) -> int:
+  """`decode_weight_bytes` of one device's shards: the weight bytes each
+  device reads per decode step (the whole batch), from the arrays' shardings."""
+  return decode_weight_bytes(jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.sharding.shard_shape(a.shape), a.dtype), params))
 
 
 @functools.singledispatch

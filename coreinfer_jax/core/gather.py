@@ -4,13 +4,13 @@
 weight (`PerSequenceFFN`: rows of up/gate, `[B, k, D]`, and columns of down,
 `[B, D, k]`), so each sequence of a batch decodes with its own core set;
 `gather_shared` keeps one set's neurons for the whole batch (`FFNParams` of
-k neurons). Neurons are kept in ascending order whatever the ranking: with
+k neurons); `CoreGather` applies one of them to every sparsified layer. Neurons are kept in ascending order whatever the ranking: with
 k = F the compact FFN is the dense FFN itself, bit for bit.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -18,22 +18,27 @@ import jax.numpy as jnp
 from coreinfer_jax.model.ffn import FFNParams, PerSequenceFFN
 from coreinfer_jax.model.params import ModelParams
 
-CoreSets = Tuple[Optional[jax.Array], ...]   # per layer int32 [B, k], or None (dense)
-CompactFFNs = Tuple[Optional[PerSequenceFFN], ...]
+CoreSets = Tuple[Optional[jax.Array], ...]   # per layer int32 [B, k] ([1, k] shared), or None
+CompactFFNs = Tuple[Optional[Union[PerSequenceFFN, FFNParams]], ...]
 
 
 def _rows(w: Optional[jax.Array], core: jax.Array) -> Optional[jax.Array]:
-  """Rows `core` (`[k]` or `[B, k]`) of a `[F, ...]` weight: `[(B,) k, ...]`."""
-  return None if w is None else jnp.take(w, jnp.sort(core, axis=-1), axis=0)
+  """Rows `core` (`[k]` or `[B, k]`) of a `[F, ...]` weight: `[(B,) k, ...]`;
+  an index past the last row gives a row of zeros."""
+  return None if w is None else jnp.take(w, jnp.sort(core, axis=-1), axis=0, mode="fill",
+                                         fill_value=0)
 
 
 def _columns(w_DF: jax.Array, core: jax.Array) -> jax.Array:
-  """Columns `core` (`[k]` or `[B, k]`) of a `[D, F]` weight: `[(B,) D, k]`."""
-  return jnp.moveaxis(jnp.take(w_DF, jnp.sort(core, axis=-1), axis=1), 0, -2)
+  """Columns `core` (`[k]` or `[B, k]`) of a `[D, F]` weight: `[(B,) D, k]`;
+  an index past the last column gives a column of zeros."""
+  return jnp.moveaxis(jnp.take(w_DF, jnp.sort(core, axis=-1), axis=1, mode="fill", fill_value=0),
+                      0, -2)
 
 
 def gather_per_sequence(ffn: FFNParams, core_BK: jax.Array) -> PerSequenceFFN:
-  """Neurons `core_BK[b]` of every weight, for each sequence b."""
+  """Neurons `core_BK[b]` of every weight, for each sequence b (an index F
+  or more: a neuron of zeros, which adds nothing)."""
   return PerSequenceFFN(up_BKD=_rows(ffn.up_FD, core_BK), down_BDK=_columns(ffn.down_DF, core_BK),
                         gate_BKD=_rows(ffn.gate_FD, core_BK),
                         up_bias_BK=_rows(ffn.up_bias_F, core_BK), down_bias_D=ffn.down_bias_D)
@@ -46,16 +51,32 @@ def gather_shared(ffn: FFNParams, core_K: jax.Array) -> FFNParams:
                    down_bias_D=ffn.down_bias_D)
 
 
-def gather_core(params: ModelParams, core: CoreSets) -> CompactFFNs:
-  """Per layer, the per-sequence compact FFN (None where the layer stays
-  dense). Jit this: it copies the kept rows once per sentence."""
-  return tuple(None if c is None else gather_per_sequence(layer.ffn, c)
-               for layer, c in zip(params.layers, core))
+class CoreGather:
+  """Core sets into compact FFNs, on one device: per sequence (`[B, k]` sets
+  into `PerSequenceFFN`s) or, with `shared`, one `[1, k]` set per layer into
+  the batch's `FFNParams` of k neurons. Subclasses place the gather elsewhere
+  (`runtime.core_placement`: a tensor-parallel mesh)."""
 
+  def __init__(self, shared: bool = False):
+    self.shared = shared
 
-def gather_core_into(params: ModelParams, core: CoreSets, out: CompactFFNs) -> CompactFFNs:
-  """`gather_core` writing into `out` when it is donated (`donate_argnums=2`):
-  reusing a finished sentence's buffers skips allocating and first-touching
-  the ~β of the FFN weights that every gather writes."""
-  del out   # only its buffers are used, through donation
-  return gather_core(params, core)
+  def layer(self, ffn: FFNParams, core: jax.Array):
+    return gather_shared(ffn, core[0]) if self.shared else gather_per_sequence(ffn, core)
+
+  def __call__(self, params: ModelParams, core: CoreSets) -> CompactFFNs:
+    """Per layer, the compact FFN (None where the layer stays dense). Jit
+    this: it copies the kept rows once per sentence."""
+    return tuple(None if c is None else self.layer(layer.ffn, c)
+                 for layer, c in zip(params.layers, core))
+
+  def into(self, params: ModelParams, core: CoreSets, out: CompactFFNs) -> CompactFFNs:
+    """The gather writing into `out` when it is donated (`donate_argnums=2`):
+    reusing a finished sentence's buffers skips allocating and first-touching
+    the ~β of the FFN weights that every gather writes."""
+    del out   # only its buffers are used, through donation
+    return self(params, core)
+
+  def buffers(self, shapes: CompactFFNs) -> CompactFFNs:
+    """Zero arrays of `shapes` (ShapeDtypeStructs), placed as the gather's output."""
+    return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+

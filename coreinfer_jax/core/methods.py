@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 
 from coreinfer_jax.core import artefacts
 from coreinfer_jax.core.policy import CorePolicy, Dense, Similarity, Stability
-from coreinfer_jax.core.spec import CoreSpec, core_spec, parse_beta
+from coreinfer_jax.core.spec import CORE_PLACEMENTS, CoreSpec, core_spec, parse_beta
 from coreinfer_jax.model.config import ModelConfig
 
 METHODS = ("dense", "stability", "similarity")
@@ -27,11 +27,20 @@ def check_method(method: str) -> None:
 
 def spec_for(settings: Mapping[str, Any], config: ModelConfig,
              beta: Optional[str] = None) -> CoreSpec:
-  """The validated `CoreSpec` of the `SPEC_SETTINGS`; `beta` overrides settings["beta"]."""
+  """The validated `CoreSpec` of the `SPEC_SETTINGS`; `beta` overrides
+  settings["beta"]. Where the settings hold them (the decoding commands):
+  "core_sharing", and "core_placement" with "tp" (`local` on a mesh of tp
+  devices chooses k/tp neurons in each device's block)."""
+  placement = settings.get("core_placement", "local")
+  if placement not in CORE_PLACEMENTS:
+    raise ValueError(f"unknown core placement {placement!r}; choose one of "
+                     f"{', '.join(CORE_PLACEMENTS)}")
   return core_spec(config.num_layers, config.intermediate_size,
                    beta=parse_beta(settings["beta"] if beta is None else beta),
                    alpha=settings["alpha"], scoring=settings["scoring"],
-                   sparse_layers=settings["sparse_layers"], beta_file=settings["beta_file"])
+                   sparse_layers=settings["sparse_layers"], beta_file=settings["beta_file"],
+                   blocks=settings.get("tp", 1) if placement == "local" else 1,
+                   sharing=settings.get("core_sharing", "per_sequence"))
 
 
 def load_clusters(cluster_dir: str, config: ModelConfig, fingerprint: Optional[str],
@@ -58,4 +67,10 @@ def policy_for(method: str, settings: Mapping[str, Any], config: ModelConfig, *,
     return Stability(spec)
   if not cluster_dir:
     raise ValueError("--method=similarity needs --cluster_dir (built by scripts/cluster.py)")
+  if spec.shared:
+    raise ValueError("--core_sharing=shared is for --method=stability: similarity's sets are "
+                     "the clusters'")
+  if spec.blocks > 1:
+    raise ValueError("similarity's cluster sets are chosen over all neurons: on a mesh use "
+                     "--core_placement=global")
   return Similarity(load_clusters(cluster_dir, config, fingerprint, spec))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from coreinfer_jax.core import clusters, store
 from coreinfer_jax.core.artefacts import ClusterArtefacts
-from coreinfer_jax.core.gather import CoreSets
+from coreinfer_jax.core.gather import CoreGather, CoreSets
 from coreinfer_jax.core.spec import CoreSpec
 from coreinfer_jax.core.taps import RankRequest, Rankings, merge_requests, ranking_tap, take_core
 from coreinfer_jax.model.forward import Tap
@@ -53,11 +53,12 @@ class CorePolicy(abc.ABC):
     "cluster_ids" int32 [B]) for a batch of B = `batch` prompts; traced
     inside the compiled prefill."""
 
-  def store(self, compiled) -> store.DenseStore:
-    """Where decoding's FFNs come from (`compiled`: a CompiledFunctions)."""
+  def store(self, compiled, core_gather: CoreGather) -> store.DenseStore:
+    """Where decoding's FFNs come from (`compiled`: a CompiledFunctions;
+    `core_gather`: how core sets become compact FFNs, and where)."""
     if self.spec is None:
       return store.DenseStore()
-    return store.GatherStore(compiled, self.spec.layer_k)
+    return store.GatherStore(compiled, self.spec.layer_k, core_gather)
 
   def summary(self) -> dict:
     record = {"method": self.name, "kind": self.kind, "family": self.family}
@@ -82,8 +83,10 @@ class Stability(CorePolicy):
     super().__init__(name, kind, family, spec)
 
   def requests(self, num_layers: int) -> Requests:
-    return tuple(None if k is None else RankRequest(self.spec.scoring, self.spec.alpha, k)
-                 for k in self.spec.layer_k)
+    spec = self.spec
+    return tuple(None if k is None else RankRequest(spec.scoring, spec.alpha, k, spec.blocks,
+                                                    spec.shared)
+                 for k in spec.layer_k)
 
   def core_sets(self, rankings: Rankings, arrays: Any, batch: int):
     requests = self.requests(len(rankings))
@@ -113,8 +116,8 @@ class Similarity(CorePolicy):
                                                              self.requests(len(rankings))[layer]))
     return tuple(None if s is None else s[ids_B] for s in sets), {"cluster_ids": ids_B}
 
-  def store(self, compiled) -> store.DenseStore:
-    return store.ClusterStore(compiled, self.art.layer_sets)
+  def store(self, compiled, core_gather: CoreGather) -> store.DenseStore:
+    return store.ClusterStore(compiled, self.art.layer_sets, core_gather)
 
 
 def selection_tap(num_layers: int, policies: Sequence[CorePolicy]) -> Optional[Tap]:

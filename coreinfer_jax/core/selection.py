@@ -88,13 +88,23 @@ def _descending(x: jax.Array) -> jax.Array:
   return jnp.where(x == 0, jnp.zeros_like(x), -x)
 
 
+def rank_in_blocks(per_block: int, blocks: int, *keys_BF: jax.Array) -> jax.Array:
+  """int32 [B, blocks, per_block]: in each of `blocks` equal consecutive
+  neuron blocks, its first `per_block` neurons ordered by the keys
+  (descending, lexicographic), then by index; indices are over all neurons."""
+  B, F = keys_BF[0].shape
+  size = F // blocks
+  keys = tuple(_descending(key).reshape(B, blocks, size) for key in keys_BF)
+  index = lax.broadcasted_iota(jnp.int32, (B, blocks, size), 2)
+  ordered = lax.sort(keys + (index,), dimension=-1, num_keys=len(keys) + 1)[-1]
+  offset = lax.broadcasted_iota(jnp.int32, (1, blocks, 1), 1) * size
+  return ordered[:, :, :per_block] + offset
+
+
 def rank_neurons(k: int, *keys_BF: jax.Array) -> jax.Array:
   """int32 [B, k]: neurons ordered by the keys (descending, lexicographic),
   then by index."""
-  index = lax.broadcasted_iota(jnp.int32, keys_BF[0].shape, 1)
-  ordered = lax.sort(tuple(_descending(key) for key in keys_BF) + (index,), dimension=-1,
-                     num_keys=len(keys_BF) + 1)
-  return ordered[-1][:, :k]
+  return rank_in_blocks(k, 1, *keys_BF)[:, 0]
 
 
 def _token_blocks(x_BT: jax.Array) -> jax.Array:

@@ -14,6 +14,8 @@ from typing import Optional, Sequence, Tuple, Union
 from coreinfer_jax import files
 
 SCORINGS = ("signed", "magnitude", "griffin")
+CORE_PLACEMENTS = ("local", "global")
+CORE_SHARINGS = ("per_sequence", "shared")
 
 # The official code sparsifies layers 5..26 (end 27 exclusive) of a 32-layer
 # model; as a fraction of depth this carries over to any depth.
@@ -22,11 +24,19 @@ PAPER_LAYER_FRACTIONS = (5 / 32, 27 / 32)
 
 @dataclasses.dataclass(frozen=True)
 class CoreSpec:
-  """Per model layer, the number of core neurons k (None: the layer stays dense)."""
+  """Per model layer, the number of core neurons k (None: the layer stays dense).
+
+  `blocks` > 1: the set is k/blocks neurons from each of `blocks` equal,
+  consecutive neuron blocks (the `local` placement on a tensor-parallel mesh
+  of that many devices, each owning a block); 1: the k first over all
+  neurons. `shared`: one set for the whole batch, ranked over every
+  sequence's real tokens, instead of one per sequence."""
   scoring: str
   alpha: float                         # token-wise fraction (signed, magnitude)
   layer_k: Tuple[Optional[int], ...]   # one entry per model layer
   layer_beta: Tuple[Optional[float], ...]
+  blocks: int = 1
+  shared: bool = False
 
   @property
   def sparse_layers(self) -> Tuple[int, ...]:
@@ -39,12 +49,15 @@ class CoreSpec:
     ks = [self.layer_k[i] for i in layers]
     uniform = len(set(betas)) == 1
     return {"k": ks[0] if uniform else ks, "layers": list(layers), "scoring": self.scoring,
-            "alpha": self.alpha, "beta": betas[0] if uniform else betas}
+            "alpha": self.alpha, "beta": betas[0] if uniform else betas,
+            "blocks": self.blocks, "sharing": CORE_SHARINGS[self.shared]}
 
 
-def num_core_neurons(beta: float, num_neurons: int) -> int:
-  """k = round(β·F), rounding halves up, at least 1."""
-  return max(1, int(math.floor(beta * num_neurons + 0.5)))
+def num_core_neurons(beta: float, num_neurons: int, blocks: int = 1) -> int:
+  """k = round(β·F), rounding halves up, at least 1; with `blocks`, the same
+  in each block (k = blocks · round(β·F/blocks)), so that every block keeps
+  as many."""
+  return blocks * max(1, int(math.floor(beta * num_neurons / blocks + 0.5)))
 
 
 def parse_layers(text: str, num_layers: int) -> Tuple[int, ...]:
@@ -104,12 +117,17 @@ def _layer_beta(path: str, layer: int, value) -> Optional[float]:
 
 def core_spec(num_layers: int, num_neurons: int, *, beta: Union[float, Sequence[float]] = 0.4,
               alpha: float = 0.2, scoring: str = "signed", sparse_layers: str = "paper",
-              beta_file: Optional[str] = None) -> CoreSpec:
+              beta_file: Optional[str] = None, blocks: int = 1,
+              sharing: str = "per_sequence") -> CoreSpec:
   """Validated settings. `beta` is one β for every sparsified layer or a list
   with one β per sparsified layer; `beta_file` (one β per model layer) replaces
-  both `beta` and `sparse_layers`."""
+  both `beta` and `sparse_layers`; `blocks` and `sharing` as `CoreSpec` says."""
   if scoring not in SCORINGS:
     raise ValueError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")
+  if sharing not in CORE_SHARINGS:
+    raise ValueError(f"unknown core sharing {sharing!r}; choose one of {', '.join(CORE_SHARINGS)}")
+  if blocks < 1 or num_neurons % blocks:
+    raise ValueError(f"{blocks} neuron blocks do not divide the model's {num_neurons} FFN neurons")
   alpha = _check_fraction("alpha (token-wise fraction)", alpha)
   if beta_file:
     layer_beta = read_beta_file(beta_file, num_layers)
@@ -123,8 +141,9 @@ def core_spec(num_layers: int, num_neurons: int, *, beta: Union[float, Sequence[
     layer_beta = tuple(chosen.get(i) for i in range(num_layers))
   if all(b is None for b in layer_beta):
     raise ValueError("no layer is sparsified")
-  layer_k = tuple(None if b is None else num_core_neurons(b, num_neurons) for b in layer_beta)
-  return CoreSpec(scoring, alpha, layer_k, layer_beta)
+  layer_k = tuple(None if b is None else num_core_neurons(b, num_neurons, blocks)
+                  for b in layer_beta)
+  return CoreSpec(scoring, alpha, layer_k, layer_beta, blocks, sharing == "shared")
 
 
 def parse_beta(text: str) -> Union[float, Tuple[float, ...]]:

@@ -44,18 +44,19 @@ class GatherStore(DenseStore):
   """Per-prompt gathers, into recycled buffers when a finished sentence's
   compact FFNs were handed back."""
 
-  def __init__(self, compiled, layer_k: Sequence[Optional[int]]):
+  def __init__(self, compiled, layer_k: Sequence[Optional[int]], core_gather: gather.CoreGather):
     self._compiled = compiled      # a runtime.compile.CompiledFunctions
     self._layer_k = tuple(layer_k)
+    self._gather = core_gather
     self._recycled: Optional[gather.CompactFFNs] = None
 
   def decode_params(self, params: ModelParams, core: gather.CoreSets,
                     aux: Mapping[str, jax.Array]) -> ModelParams:
-    shapes = jax.eval_shape(gather.gather_core, params, core)
+    shapes = jax.eval_shape(self._gather, params, core)
     recycled, self._recycled = self._recycled, None
     if recycled is None or not _same_shapes(recycled, shapes):
-      recycled = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
-    compact = self._compiled("gather", gather.gather_core_into, params, core, recycled,
+      recycled = self._gather.buffers(shapes)
+    compact = self._compiled("gather", self._gather.into, params, core, recycled,
                              donate_argnums=(2,))
     return params.with_ffns(compact)
 
@@ -70,16 +71,18 @@ class ClusterStore(DenseStore):
   """Each cluster's compact FFNs (`[1, k, D]` per layer), gathered once and
   kept: memory grows by β of the sparsified FFN weights per cluster used."""
 
-  def __init__(self, compiled, layer_sets: Tuple[Optional[np.ndarray], ...]):
+  def __init__(self, compiled, layer_sets: Tuple[Optional[np.ndarray], ...],
+               core_gather: gather.CoreGather):
     self._compiled = compiled
     self._layer_sets = layer_sets    # per model layer int32 [C, k] or None
+    self._gather = core_gather
     self._ffns: Dict[int, gather.CompactFFNs] = {}
 
   def ffns(self, params: ModelParams, cluster: int) -> gather.CompactFFNs:
     if cluster not in self._ffns:
       core = tuple(None if s is None else jnp.asarray(s[cluster:cluster + 1])
                    for s in self._layer_sets)
-      self._ffns[cluster] = self._compiled("gather_cluster", gather.gather_core, params, core)
+      self._ffns[cluster] = self._compiled("gather_cluster", self._gather, params, core)
     return self._ffns[cluster]
 
   def preload(self, params: ModelParams) -> None:

@@ -16,6 +16,7 @@ import dataclasses
 from typing import Dict, Optional, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 
 from coreinfer_jax.core import selection
 from coreinfer_jax.model.ffn import NeuronValues
@@ -23,20 +24,24 @@ from coreinfer_jax.model.ffn import NeuronValues
 
 @dataclasses.dataclass(frozen=True)
 class RankRequest:
-  """One layer's core set asked of the prefill: the k first by `scoring`."""
+  """One layer's core set asked of the prefill: the k first by `scoring`,
+  k/blocks from each neuron block, one set per sequence or (`shared`) one
+  for the batch (`core.spec.CoreSpec`)."""
   scoring: str
   alpha: float
   k: int
+  blocks: int = 1
+  shared: bool = False
 
   @property
-  def rule(self) -> Tuple[str, float]:
-    return self.scoring, self.alpha
+  def rule(self) -> Tuple[str, float, int, bool]:
+    return self.scoring, self.alpha, self.blocks, self.shared
 
 
 # Per model layer, the requests at that layer (empty: nothing ranked there).
 LayerRequests = Tuple[Tuple[RankRequest, ...], ...]
-# Per model layer, {(scoring, α): int32 [B, k_max]}.
-Rankings = Tuple[Dict[Tuple[str, float], jax.Array], ...]
+# Per model layer, {rule: int32 [B, blocks, k_max / blocks]} (B = 1 when shared).
+Rankings = Tuple[Dict[Tuple[str, float, int, bool], jax.Array], ...]
 
 
 def merge_requests(num_layers: int, *per_policy: Sequence[Optional[RankRequest]]) -> LayerRequests:
@@ -49,22 +54,30 @@ def ranking_tap(requests: LayerRequests):
   """A tap returning, per layer, each asked rule's ranking `[B, k_max]`."""
   wanted = []
   for layer_requests in requests:
-    k_max: Dict[Tuple[str, float], int] = {}
+    k_max: Dict[Tuple[str, float, int, bool], int] = {}
     for r in layer_requests:
       k_max[r.rule] = max(k_max.get(r.rule, 0), r.k)
     wanted.append(k_max)
 
+  def rank(values: NeuronValues, real_BT: jax.Array, rule, k: int) -> jax.Array:
+    scoring, alpha, blocks, shared = rule
+    keys = selection.core_statistics(values, real_BT, scoring=scoring, alpha=alpha)
+    if shared:   # the keys are sums over tokens: summed over the batch, they rank all its tokens
+      keys = tuple(jnp.sum(key, axis=0, keepdims=True) for key in keys)
+    return selection.rank_in_blocks(k // blocks, blocks, *keys)
+
   def tap(layer: int, values: NeuronValues, real_BT: jax.Array):
-    return {rule: selection.rank_neurons(k, *selection.core_statistics(
-        values, real_BT, scoring=rule[0], alpha=rule[1])) for rule, k in wanted[layer].items()}
+    return {rule: rank(values, real_BT, rule, k) for rule, k in wanted[layer].items()}
   return tap
 
 
 def take_core(rankings: Rankings, layer: int, request: Optional[RankRequest]) -> Optional[jax.Array]:
-  """int32 [B, k]: the request's core set from a ranking tap's output."""
+  """int32 [B, k] (B = 1 when shared): the request's core set from a ranking
+  tap's output, block after block."""
   if request is None:
     return None
-  return rankings[layer][request.rule][:, :request.k]
+  ranked = rankings[layer][request.rule][:, :, :request.k // request.blocks]
+  return ranked.reshape(ranked.shape[0], request.k)
 
 
 def statistics_tap(scoring: str, alpha: float, layers: Sequence[int]):

@@ -20,12 +20,13 @@ import numpy as np
 from jax.sharding import Mesh
 
 from coreinfer_jax.core import cost
-from coreinfer_jax.core.gather import CoreSets
+from coreinfer_jax.core.gather import CoreGather, CoreSets
 from coreinfer_jax.core.policy import CorePolicy, Dense, selection_tap
 from coreinfer_jax.model.cache import KVCache
 from coreinfer_jax.model.config import ModelConfig
 from coreinfer_jax.model.forward import forward
 from coreinfer_jax.model.params import ModelParams
+from coreinfer_jax.runtime import core_placement
 from coreinfer_jax.runtime import mesh as meshes
 from coreinfer_jax.runtime import prompts
 from coreinfer_jax.runtime.batching import DEFAULT_BUCKETS, left_pad, pick_bucket
@@ -46,6 +47,10 @@ class GenerationStats:
   dense_prefill_rounds: List[float] = dataclasses.field(default_factory=list)
   ffn_bytes_fraction: float = 1.0   # FFN weight bytes per decode token, sparse over dense
   decode_weight_bytes: float = 0.0  # all weight bytes one sequence's decode token reads
+  decode_weight_bytes_per_device: float = 0.0   # what each device reads per step (whole batch)
+  # On a mesh: the busiest device's core rows over a balanced share (k/devices),
+  # averaged over the sparsified layers and the batch (1.0: balanced).
+  core_device_load: Optional[float] = None
   decode_seconds: float = 0.0
   decode_steps: int = 0     # decode-step calls (each yields one token per sequence)
   cluster_ids: Optional[List[int]] = None   # similarity-guided: each sequence's cluster
@@ -130,8 +135,15 @@ class Generator:
       raise ValueError(f"core spec for {len(policy.spec.layer_k)} layers, model has "
                        f"{config.num_layers}")
     if mesh is not None:
-      meshes.check_tensor_parallel(config, mesh.size, sparse=policy.spec is not None)
+      meshes.check_tensor_parallel(config, mesh.size)
       params = meshes.place_params(params, config, mesh)
+    self.mesh = mesh
+    self.core_placement: Optional[str] = None   # a sparse policy on a mesh: "local" or "global"
+    if mesh is not None and policy.spec is not None:
+      core_gather = core_placement.MeshCoreGather(mesh, policy.spec)
+      self.core_placement = core_gather.placement
+    else:
+      core_gather = CoreGather(shared=policy.spec is not None and policy.spec.shared)
     self.config = config
     self.params = params
     self.tokenizer = tokenizer
@@ -144,7 +156,7 @@ class Generator:
     self.clock = clock
     self.key = jax.random.key(seed)
     self.compiled = CompiledFunctions()
-    self.store = policy.store(self.compiled)
+    self.store = policy.store(self.compiled, core_gather)
     self._arrays = policy.arrays()
     if preload:
       self.store.preload(params)
@@ -227,6 +239,10 @@ class Generator:
         self.clock, self.store.decode_params, self.params, core, aux)
     stats.ffn_bytes_fraction = cost.ffn_bytes_fraction(self.params, decode_params)
     stats.decode_weight_bytes = cost.decode_weight_bytes_per_sequence(self.params, decode_params)
+    stats.decode_weight_bytes_per_device = cost.decode_weight_bytes_per_device(decode_params)
+    if self.mesh is not None and self.policy.spec is not None:
+      stats.core_device_load = core_placement.device_load(core, self.config.intermediate_size,
+                                                          self.mesh.size)
     selecting, dense = [selecting_seconds], []
     for round_index in range(self.selection_rounds if self.time_selection else 0):
       if round_index:

@@ -29,21 +29,14 @@ TP = "tp"
 TENSOR_PARALLEL_RULES: Dict[str, str] = {"heads": TP, "kv_heads": TP, "neurons": TP, "vocab": TP}
 
 
-SPARSE_ON_MESH = ("sparse decoding on a device mesh is not built yet (issue #17: the placement "
-                  "of each device's core neurons); use --tp=1")
-
-
-def check_tensor_parallel(config: ModelConfig, tp: int, sparse: bool = False) -> None:
-  """Refuses, in one line, a `tp` the model cannot be split by, or a sparse
-  method (`sparse`) on more than one device."""
+def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
+  """Refuses, in one line, a `tp` the model cannot be split by."""
   if tp < 1:
     raise ValueError(f"--tp must be at least 1, got {tp}")
   for what, size in (("attention heads", config.num_heads),
                      ("FFN neurons (intermediate_size)", config.intermediate_size)):
     if size % tp:
       raise ValueError(f"--tp={tp} does not divide the model's {size} {what}")
-  if sparse and tp > 1:
-    raise ValueError(SPARSE_ON_MESH)
 
 
 def make_mesh(tp: int, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
@@ -54,10 +47,10 @@ def make_mesh(tp: int, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   return Mesh(np.asarray(devices[:tp]), (TP,))
 
 
-def tensor_parallel_mesh(config: ModelConfig, tp: int, sparse: bool = False) -> Optional[Mesh]:
-  """The mesh for `--tp` (None for one device), checked against the model, the
-  method (`sparse`) and the machine before any weight loads."""
-  check_tensor_parallel(config, tp, sparse)
+def tensor_parallel_mesh(config: ModelConfig, tp: int) -> Optional[Mesh]:
+  """The mesh for `--tp` (None for one device), checked against the model and
+  the machine before any weight loads."""
+  check_tensor_parallel(config, tp)
   return None if tp == 1 else make_mesh(tp)
 
 

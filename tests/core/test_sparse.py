@@ -187,6 +187,7 @@ def test_generate_script_reports_the_core(tiny_llama_with_tokenizer, tmp_path):
   assert proc.returncode == 0, proc.stderr
   payload = json.loads(out.read_text())
   assert payload["core"] == {"k": 24, "layers": [0, 1, 2], "scoring": "magnitude", "alpha": 0.2,
+                             "blocks": 1, "sharing": "per_sequence",
                              "beta": 0.25}
   assert payload["ffn_bytes_fraction"] == pytest.approx(0.25)
   # Selection's cost over three rounds, or (a tiny model's selection is below

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from coreinfer_jax.checkpoint import load as loading
+from coreinfer_jax.core.policy import Stability
+from coreinfer_jax.core.spec import core_spec
 from coreinfer_jax.model.cache import init_cache
 from coreinfer_jax.model.forward import forward
 from coreinfer_jax.runtime import mesh as meshes
@@ -88,3 +90,80 @@ def test_kv_heads_split_when_the_mesh_divides_them(tiny_llama):
   tokens, cache = gen.decode(state.decode_params, state.cache, state.tokens_B)
   assert _spec(cache.k[0]) == (None, "tp", None, None)
 
+
+
+def _stability(m, **kw):
+  return Stability(core_spec(m.config.num_layers, m.config.intermediate_size, sparse_layers="all",
+                             **kw))
+
+
+def test_local_placement_holds_each_devices_own_rows_and_equals_one_device(tiny_llama):
+  m = loading.load_model(tiny_llama, with_tokenizer=False)   # F 96: 24 neurons a device
+  policy = _stability(m, beta=0.5, blocks=4)                  # k 48: 12 a device
+  gen = Generator(m.config, m.params, cache_len=64, policy=policy, mesh=meshes.make_mesh(4))
+  state = gen.prefill(gen.params, random_prompts([9, 14], seed=1), 4)
+  for dense, compact, core in zip(m.params.layers, state.decode_params.layers, state.core):
+    up = compact.ffn.up_BKD
+    assert _spec(up) == (None, "tp", None) and _spec(compact.ffn.down_BDK) == (None, None, "tp")
+    for shard in up.addressable_shards:
+      d = shard.index[1].start // 12   # the device's slots
+      assert shard.data.shape == (2, 12, 64)
+      own = np.sort(np.asarray(core)[:, d * 12:(d + 1) * 12], axis=-1)
+      assert np.all((own >= d * 24) & (own < (d + 1) * 24))   # its own block only
+      owner = {s.index[0].start // 24: s.device for s in gen.params.layers[0].ffn.up_FD.addressable_shards}
+      assert shard.device == owner[d]   # on the device that holds block d of the dense rows
+      np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(dense.ffn.up_FD)[own])
+  single = Generator(m.config, m.params, cache_len=64, policy=policy)
+  for ids in random_prompts([7, 18], seed=2):
+    assert gen.generate_ids([ids], 10)[0][0].token_ids == single.generate_ids([ids], 10)[0][0].token_ids
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_global_placement_equals_one_device_sparse_and_beta_one_dense(tiny_checkpoint, tp):
+  _, folder, _ = tiny_checkpoint
+  m = loading.load_model(folder, with_tokenizer=False)
+  mesh = meshes.make_mesh(tp)
+  prompts = random_prompts([5, 13, 9], seed=3)
+  for beta in (0.3, 1.0):
+    policy = _stability(m, beta=beta)
+    gen = Generator(m.config, m.params, cache_len=64, policy=policy, mesh=mesh)
+    reference = (Generator(m.config, m.params, cache_len=64, policy=policy) if beta < 1
+                 else Generator(m.config, m.params, cache_len=64))
+    got, _ = gen.generate_ids(prompts, 10)
+    want, _ = reference.generate_ids(prompts, 10)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+
+
+def test_sparse_decode_on_the_mesh_compiles_once_with_intended_placements(tiny_llama):
+  m = loading.load_model(tiny_llama, with_tokenizer=False)
+  for spec_kw, up_shape in (({"blocks": 4}, (1, 6, 64)), ({}, (1, 24, 64))):
+    # local: k/4 = 6 a device; global: min(k, F/4) = 24 slots a device
+    gen = Generator(m.config, m.params, cache_len=64, policy=_stability(m, beta=0.25, **spec_kw),
+                    mesh=meshes.make_mesh(4))
+    cores = []
+    for ids in random_prompts([5, 20, 31], seed=10):   # one bucket, three core sets
+      gen.generate_ids([ids], 6)
+      state = gen.prefill(gen.params, [ids], 6)
+      cores.append(state.core)
+      ffn = state.decode_params.layers[1].ffn
+      assert {s.data.shape for s in ffn.up_BKD.addressable_shards} == {up_shape}
+      assert _spec(ffn.up_BKD) == _spec(ffn.gate_BKD) == (None, "tp", None)
+      assert _spec(ffn.down_BDK) == (None, None, "tp")
+      tokens, cache = gen.decode(state.decode_params, state.cache, state.tokens_B)
+      assert _spec(state.decode_params.layers[0].attn.q_weight) == ("tp", None)
+      assert _spec(cache.k[0]) == (None, None, None, None)
+    assert gen.compiled.compiles == {"prefill": 1, "gather": 1, "decode": 1}
+    assert any(not np.array_equal(a, b) for a, b in zip(cores[0], cores[1]))
+
+
+def test_shared_core_sets_on_the_mesh_equal_one_device(tiny_llama):
+  m = loading.load_model(tiny_llama, with_tokenizer=False)
+  prompts = random_prompts([6, 15, 11], seed=4)
+  for blocks in (1, 4):
+    policy = _stability(m, beta=0.5, blocks=blocks, sharing="shared")
+    gen = Generator(m.config, m.params, cache_len=64, policy=policy, mesh=meshes.make_mesh(4))
+    state = gen.prefill(gen.params, prompts, 6)
+    assert _spec(state.decode_params.layers[0].ffn.up_FD) == ("tp", None)
+    got, _ = gen.generate_ids(prompts, 8)
+    want, _ = Generator(m.config, m.params, cache_len=64, policy=policy).generate_ids(prompts, 8)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]

@@ -1,6 +1,7 @@
 """Tensor parallelism: bad input refused in one line here; the multi-device
 checks run in a process that sees four CPU devices."""
 
+import json
 import os
 import subprocess
 import sys
@@ -38,7 +39,29 @@ def test_generate_refuses_a_tp_beyond_the_devices_before_loading(tiny_llama):
   assert proc.stderr.strip() == "error: --tp=2 asks for more devices than the 1 JAX sees"
 
 
-def test_sparse_decoding_on_a_mesh_is_refused_until_it_is_built(tiny_llama):
-  proc = run_generate(f"--model={tiny_llama}", "--prompt=hello", "--tp=2", "--method=stability")
+def test_generate_refuses_a_tp_that_does_not_divide_the_model(tiny_llama):
+  proc = run_generate(f"--model={tiny_llama}", "--prompt=hello", "--tp=3", "--method=stability")
   assert proc.returncode == 2
-  assert proc.stderr.strip().startswith("error: sparse decoding on a device mesh is not built yet")
+  assert proc.stderr.strip() == "error: --tp=3 does not divide the model's 4 attention heads"
+
+
+def test_generate_decodes_sparse_on_two_devices_and_reports_the_placement(tiny_llama_with_tokenizer,
+                                                                          tmp_path):
+  out = tmp_path / "out.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  for placement, load in (("local", 1.0), ("global", None)):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "generate.py"),
+         f"--model={tiny_llama_with_tokenizer}", "--prompt=hello there", "--tp=2",
+         "--method=stability", "--beta=0.5", "--sparse_layers=all", f"--core_placement={placement}",
+         "--max_new_tokens=4", "--cache_len=64", f"--json_out={out}", "--nostream"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(out.read_text())
+    assert payload["tp"] == 2 and payload["core_placement"] == placement
+    assert payload["core"]["blocks"] == (2 if placement == "local" else 1)
+    assert payload["decode_compiles"] == 1
+    if load is not None:
+      assert payload["core_device_load"] == load
+    else:
+      assert 1.0 <= payload["core_device_load"] <= 2.0
