@@ -5,11 +5,15 @@ from __future__ import annotations
 from typing import Optional
 
 from absl import flags
+from jax.sharding import Mesh
 
 from coreinfer_jax.checkpoint.named import DEFAULT_MODEL, NAMED_MODELS
 from coreinfer_jax.core.methods import METHODS, SPEC_SETTINGS
 from coreinfer_jax.core.spec import CORE_PLACEMENTS, CORE_SHARINGS, SCORINGS
 from coreinfer_jax.eval import datasets
+from coreinfer_jax.model.config import ModelConfig
+from coreinfer_jax.runtime import distributed
+from coreinfer_jax.runtime import mesh as meshes
 from coreinfer_jax.runtime.batching import DTYPES
 
 FLAGS = flags.FLAGS
@@ -27,9 +31,20 @@ def define_model_flags() -> None:
 
 
 def define_mesh_flags() -> None:
-  flags.DEFINE_integer("tp", 1, "tensor parallel: shard the model over this many devices "
-                       "(heads, FFN neurons, vocabulary; XLA_FLAGS="
+  flags.DEFINE_integer("tp", 1, "tensor parallel: shard the model over this many devices, of "
+                       "every process (heads, FFN neurons, vocabulary; XLA_FLAGS="
                        "--xla_force_host_platform_device_count=N gives N CPU devices)")
+  flags.DEFINE_string("coordinator_address", None, "several hosts: HOST:PORT of process 0 "
+                      "(jax.distributed; default: JAX_COORDINATOR_ADDRESS or the cluster's)")
+  flags.DEFINE_integer("num_processes", None, "several hosts: how many processes run this command")
+  flags.DEFINE_integer("process_id", None, "several hosts: this process's index (0 writes the output)")
+
+
+def mesh_from_flags(config: ModelConfig) -> Optional[Mesh]:
+  """Starts `jax.distributed` if the flags ask for several processes, then
+  the `--tp` mesh (None for one device), checked against the model."""
+  distributed.start(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  return meshes.tensor_parallel_mesh(config, FLAGS.tp)
 
 
 def define_random_input_flags() -> None:

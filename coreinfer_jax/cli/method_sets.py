@@ -23,6 +23,9 @@ def define_flags() -> None:
   flags.DEFINE_list("scorings", ["signed"], "stability and --beta_file: core-neuron scorings")
   flags.DEFINE_list("layer_sets", ["paper"], "stability: sparsified layer sets, each 'paper', "
                     "'all' or 'A:B'")
+  flags.DEFINE_list("core_blocks", ["1"], "stability: each setting with its core set chosen in "
+                    "these numbers of neuron blocks, k/N from each (N: what --core_placement="
+                    "local chooses on an N-device mesh; 1: over all neurons, as global does)")
   flags.DEFINE_float("alpha", 0.2, "token-wise core fraction (signed, magnitude scorings)")
   flags.DEFINE_string("beta_file", None, "per-layer β file (scripts/calibrate.py)")
   flags.DEFINE_list("beta_file_scorings", [], "scorings for --beta_file (default: --scorings)")
@@ -45,7 +48,8 @@ def build_policies(config, fingerprint):
     policies.append(Dense())
   if "stability" in FLAGS.methods:
     policies += runners.stability_methods(config, FLAGS.scorings, [float(b) for b in FLAGS.betas],
-                                          FLAGS.layer_sets, FLAGS.alpha)
+                                          FLAGS.layer_sets, FLAGS.alpha,
+                                          [int(n) for n in FLAGS.core_blocks])
   if FLAGS.beta_file:
     label = "beta_file:" + os.path.splitext(os.path.basename(FLAGS.beta_file))[0]
     policies += runners.beta_file_methods(config, FLAGS.beta_file, label,

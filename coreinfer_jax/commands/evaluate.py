@@ -129,8 +129,8 @@ def run_task(task, scorer, tokenizer):
 # Every flag a result depends on (the task list is not one: a rerun may add
 # tasks). Files count by content: the model's fingerprint, the β file's
 # sha256, the cluster artefacts' id; the dtype as resolved on this machine.
-RESULT_SETTINGS = ["model", "methods", "betas", "scorings", "layer_sets", "alpha", "beta_file",
-                   "beta_file_scorings", "buckets", "continuation_buckets", "cluster_dir",
+RESULT_SETTINGS = ["model", "methods", "betas", "scorings", "layer_sets", "core_blocks", "alpha",
+                   "beta_file", "beta_file_scorings", "buckets", "continuation_buckets", "cluster_dir",
                    "limit", "generation_limit", "num_fewshot", "windows", "window_context",
                    "window_continuation", "cache_len"]
 

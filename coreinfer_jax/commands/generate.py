@@ -22,7 +22,7 @@ from coreinfer_jax.bench import rounds
 from coreinfer_jax.cli import app, escapes, models
 from coreinfer_jax.cli import flags as cli_flags
 from coreinfer_jax.core import methods
-from coreinfer_jax.runtime import mesh as meshes
+from coreinfer_jax.runtime import distributed
 from coreinfer_jax.runtime import prompts as prompt_encoding
 from coreinfer_jax.runtime.batching import DEFAULT_BUCKETS, pick_bucket, resolve_dtype
 from coreinfer_jax.runtime.generator import Generator
@@ -109,7 +109,10 @@ def main(argv):
   prompts = _prompts()
   stop_strings = _stop_strings()
   config = models.model_config(FLAGS.model)
-  mesh = meshes.tensor_parallel_mesh(config, s["tp"])
+  mesh = cli_flags.mesh_from_flags(config)
+  leader = distributed.is_leader()   # with several processes, only the first prints and writes
+  stream = FLAGS.stream and leader
+  json_out = FLAGS.json_out if leader else None
   policy = methods.policy_for(s["method"], s, config, cluster_dir=s["cluster_dir"],
                               fingerprint=models.model_fingerprint(FLAGS.model))
   core = policy.spec
@@ -125,12 +128,13 @@ def main(argv):
                   time_selection=FLAGS.time_selection, mesh=mesh)
   records = []
   for prompt, ids in zip(prompts, prompt_ids):
-    if FLAGS.stream:   # a chat answer is a turn of its own, not the prompt's continuation
+    if stream:   # a chat answer is a turn of its own, not the prompt's continuation
       print(prompt, end="\n" if s["chat"] else "", flush=True)
-    on_text = (lambda b, piece: print(piece, end="", flush=True)) if FLAGS.stream else None
+    on_text = (lambda b, piece: print(piece, end="", flush=True)) if stream else None
     (result,), stats = gen.generate_ids([ids], s["max_new_tokens"], stop_strings=stop_strings,
                                         on_text=on_text)
-    print("" if FLAGS.stream else result.text)
+    if leader:
+      print("" if stream else result.text)
     selection_rounds = len(stats.selecting_prefill_rounds)
     timing = rounds.prefill_figures(stats.selecting_prefill_rounds,
                                     [stats.gather_seconds] * selection_rounds,   # one gather, every round
@@ -150,7 +154,7 @@ def main(argv):
         "core_device_load": stats.core_device_load,
         "cluster_id": None if stats.cluster_ids is None else stats.cluster_ids[0],
     })
-    app.write_json(FLAGS.json_out, _payload(records, len(prompts), m.path, s["method"], core,
+    app.write_json(json_out, _payload(records, len(prompts), m.path, s["method"], core,
                                             load_seconds, gen))   # saved before it is reported
     print(f"[prompt {result.prompt_tokens} tokens, "
           + ("" if selection_rounds == 1 else f"min/median/max over {selection_rounds} rounds: ")

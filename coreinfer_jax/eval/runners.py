@@ -34,13 +34,17 @@ from coreinfer_jax.runtime.stopping import eos_ids
 
 
 def stability_methods(config: ModelConfig, scorings: Sequence[str], betas: Sequence[float],
-                      layer_sets: Sequence[str], alpha: float) -> List[CorePolicy]:
-  """One stability-guided policy per (layer set, β, scoring)."""
+                      layer_sets: Sequence[str], alpha: float,
+                      blocks: Sequence[int] = (1,)) -> List[CorePolicy]:
+  """One stability-guided policy per (layer set, β, scoring, neuron blocks);
+  names carry "/blocks=N" for sets chosen in N > 1 blocks."""
+  def suffix(n: int) -> str:
+    return "" if n == 1 else f"/blocks={n}"
   return [Stability(core_spec(config.num_layers, config.intermediate_size, beta=beta, alpha=alpha,
-                              scoring=scoring, sparse_layers=layers),
-                    name=f"stability/{scoring}/beta={beta:g}/{layers}",
-                    family=f"stability/{scoring}/{layers}")
-          for layers in layer_sets for beta in betas for scoring in scorings]
+                              scoring=scoring, sparse_layers=layers, blocks=n),
+                    name=f"stability/{scoring}/beta={beta:g}/{layers}{suffix(n)}",
+                    family=f"stability/{scoring}/{layers}{suffix(n)}")
+          for layers in layer_sets for beta in betas for scoring in scorings for n in blocks]
 
 
 def beta_file_methods(config: ModelConfig, beta_file: str, label: str, scorings: Sequence[str],

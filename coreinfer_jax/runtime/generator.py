@@ -76,28 +76,29 @@ def timed(clock: Callable[[], float], fn: Callable, *args) -> Tuple[Any, float]:
 
 
 def prefill_fn(config: ModelConfig, cache_len: int, sampling: SamplingConfig, policy: CorePolicy,
-               place_cache: Callable[[KVCache], KVCache] = lambda cache: cache):
+               mesh: Optional[Mesh] = None):
   """(params, tokens [B, T], start [B], key, policy arrays) -> (first new
   token [B], cache, per layer core set int32 [B, k] or None, the policy's
-  extra outputs). Dense, with the policy's selection inside the same pass;
-  `place_cache` lays the new cache out (on a mesh: by KV heads)."""
+  extra outputs). Dense, with the policy's selection inside the same pass; on
+  a `mesh`, the cache by KV heads and the rest replicated."""
   tap = selection_tap(config.num_layers, [policy])
 
   def run(params: ModelParams, tokens_BT, start_B, key, arrays):
     logits_BV, cache, rankings = prefill(params, config, tokens_BT, start_B, tap, cache_len)
-    cache = place_cache(cache)
     core, aux = policy.core_sets(rankings, arrays, tokens_BT.shape[0])
     first = sample(logits_BV, jax.random.fold_in(key, cache.length), sampling)
+    cache, (first, core, aux) = meshes.constrain_outputs(mesh, cache, (first, core, aux))
     return first, cache, core, aux
   return run
 
 
-def decode_fn(config: ModelConfig, sampling: SamplingConfig,
-              place_cache: Callable[[KVCache], KVCache] = lambda cache: cache):
+def decode_fn(config: ModelConfig, sampling: SamplingConfig, mesh: Optional[Mesh] = None):
   """(params, cache, tokens [B], key) -> (next token [B], cache)."""
   def decode_step(params: ModelParams, cache: KVCache, tokens_B, key):
     logits, cache = forward(params, config, cache, tokens_B[:, None])
-    return sample(logits[:, 0], jax.random.fold_in(key, cache.length), sampling), place_cache(cache)
+    next_B = sample(logits[:, 0], jax.random.fold_in(key, cache.length), sampling)
+    cache, next_B = meshes.constrain_outputs(mesh, cache, next_B)
+    return next_B, cache
   return decode_step
 
 
@@ -160,11 +161,9 @@ class Generator:
     self._arrays = policy.arrays()
     if preload:
       self.store.preload(params)
-    place_cache = ((lambda cache: cache) if mesh is None
-                   else (lambda cache: meshes.constrain_cache(cache, mesh)))
-    self._prefill = prefill_fn(config, cache_len, sampling, policy, place_cache)
-    self._dense_prefill = prefill_fn(config, cache_len, sampling, Dense(), place_cache)
-    self._decode = decode_fn(config, sampling, place_cache)
+    self._prefill = prefill_fn(config, cache_len, sampling, policy, mesh)
+    self._dense_prefill = prefill_fn(config, cache_len, sampling, Dense(), mesh)
+    self._decode = decode_fn(config, sampling, mesh)
     self.eos_ids = eos_ids(config, tokenizer)
 
   def encode(self, prompt: str, chat: bool = False) -> List[int]:

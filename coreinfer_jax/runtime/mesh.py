@@ -14,7 +14,7 @@ must divide, else `check_tensor_parallel` refuses before anything loads.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -97,6 +97,14 @@ def cache_shardings(cache: KVCache, mesh: Mesh,
       start_B=replicated, length=replicated)
 
 
-def constrain_cache(cache: KVCache, mesh: Mesh) -> KVCache:
-  """`cache` laid out as `cache_shardings` says (inside a jitted function)."""
-  return jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh))
+def constrain_outputs(mesh: Optional[Mesh], cache: KVCache, host_read: Any) -> Tuple[KVCache, Any]:
+  """Inside a jitted function, on a mesh: `cache` laid out as `cache_shardings`
+  says, and what the host reads (`host_read`: tokens, core sets) replicated,
+  so that every process, of one host or several, holds all of it. Without a
+  mesh: both unchanged."""
+  if mesh is None:
+    return cache, host_read
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return (jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh)),
+          jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, replicated),
+                                 host_read))
