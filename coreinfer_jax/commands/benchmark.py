@@ -34,15 +34,19 @@ from coreinfer_jax.bench import probes, reference, rounds, timing
 from coreinfer_jax.cli import app, models, optional
 from coreinfer_jax.cli import flags as cli_flags
 from coreinfer_jax.core import methods
-from coreinfer_jax.core.cost import decode_weight_bytes
+from coreinfer_jax.core.cost import decode_weight_bytes, decode_weight_bytes_per_device
 from coreinfer_jax.core.spec import parse_beta
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.runtime.batching import resolve_dtype
 
 cli_flags.define_model_flags()
 cli_flags.define_core_flags()
+cli_flags.define_mesh_flags()
 flags.DEFINE_list("methods", None, "methods to measure interleaved (default: --method)")
 flags.DEFINE_list("betas", None, "uniform β values to measure for each sparse method (default: --beta)")
+flags.DEFINE_list("core_sharings", None, "core sharings to measure for each sparse method and β "
+                  "(default: --core_sharing)")
+flags.DEFINE_integer("batch_size", 1, "prompts decoded together (random ids, --prompt_len each)")
 cli_flags.define_random_input_flags()
 flags.DEFINE_integer("decode_steps", 64, "decode steps timed per round")
 flags.DEFINE_integer("rounds", 3, "interleaved measurement rounds (min/median/max reported)")
@@ -56,24 +60,27 @@ def _variants(s, config, fingerprint):
   before loading."""
   names = FLAGS.methods or [s["method"]]
   betas = FLAGS.betas or [s["beta"]]
+  sharings = FLAGS.core_sharings or [s["core_sharing"]]
   variants = []
   for method in names:
     for beta in (betas if method != "dense" else [None]):
-      cluster_dir = s["cluster_dir"] if method == "similarity" else None
-      policy = methods.policy_for(method, s, config, cluster_dir=cluster_dir,
-                                  fingerprint=fingerprint, beta=beta)
-      variants.append((method, beta, policy.spec, policy))
+      for sharing in (sharings if method != "dense" else [s["core_sharing"]]):
+        cluster_dir = s["cluster_dir"] if method == "similarity" else None
+        policy = methods.policy_for(method, dict(s, core_sharing=sharing), config,
+                                    cluster_dir=cluster_dir, fingerprint=fingerprint, beta=beta)
+        variants.append((method, beta, policy.spec, policy))
   return variants
 
 
 def main(argv):
   del argv
-  s = app.settings(["shape", "dtype", "cache_len", "prompt_len", "decode_steps", "rounds"]
-                   + cli_flags.CORE_FLAGS)
-  if s["decode_steps"] < 1 or s["rounds"] < 1 or s["prompt_len"] < 1:
-    raise ValueError("--decode_steps, --rounds and --prompt_len must be at least 1")
-  variants = _variants(s, models.model_config(FLAGS.model, s["shape"], FLAGS.configs_dir, FLAGS.num_layers),
-                       models.model_fingerprint(FLAGS.model, s["shape"]))
+  s = app.settings(["shape", "dtype", "cache_len", "prompt_len", "decode_steps", "rounds",
+                    "batch_size", "tp"] + cli_flags.CORE_FLAGS)
+  if min(s["decode_steps"], s["rounds"], s["prompt_len"], s["batch_size"]) < 1:
+    raise ValueError("--decode_steps, --rounds, --prompt_len and --batch_size must be at least 1")
+  config = models.model_config(FLAGS.model, s["shape"], FLAGS.configs_dir, FLAGS.num_layers)
+  mesh = cli_flags.mesh_from_flags(config)
+  variants = _variants(s, config, models.model_fingerprint(FLAGS.model, s["shape"]))
   dtype = resolve_dtype(s["dtype"])
   dtype_name = np.dtype(dtype).name
   m, load_seconds = models.load(FLAGS.model, dtype, s["shape"], FLAGS.configs_dir, FLAGS.num_layers)
@@ -91,9 +98,12 @@ def main(argv):
   print("\n".join(probes.describe(limits)))
 
   gens = [Generator(m.config, m.params, cache_len=s["cache_len"], policy=policy,
-                    time_selection=True, selection_rounds=1)
+                    time_selection=True, selection_rounds=1, mesh=mesh)
           for _, _, _, policy in variants]
-  prompt = np.random.default_rng(0).integers(3, m.config.vocab_size, s["prompt_len"]).tolist()
+  prompts = np.random.default_rng(0).integers(3, m.config.vocab_size,
+                                              (s["batch_size"], s["prompt_len"])).tolist()
+  prompt = prompts[0]   # transformers' (batch 1)
+  dense_step_bytes = decode_weight_bytes_per_device(gens[0].params)
   hf = None
   if FLAGS.compare_hf:
     import torch
@@ -106,8 +116,8 @@ def main(argv):
   for r in range(s["rounds"]):
     line = []
     for (method, beta, core, _), gen, out in zip(variants, gens, variant_rounds):
-      out.append(timing.time_prefill_and_decode(gen, [prompt], s["decode_steps"]))
-      line.append(f"{method}{'' if core is None else f' β={beta}'} {out[-1][1]:.2f}")
+      out.append(timing.time_prefill_and_decode(gen, prompts, s["decode_steps"]))
+      line.append(f"{_label(method, beta, core)} {out[-1][1]:.2f}")
     if hf is not None:
       hf_seconds.append(reference.hf_generate_seconds(hf, prompt, s["decode_steps"]))
       decode_seconds = hf_seconds[-1][0] - hf_seconds[-1][1]
@@ -122,8 +132,8 @@ def main(argv):
                    None)
   runs = []
   for variant, gen, out, tps in zip(variants, gens, variant_rounds, decode_rates):
-    plain, figures, prefill = _run(variant, gen, [st for st, _ in out], tps, dense_bytes,
-                                   limits[limit_name], dense_tps, hf_tps)
+    plain, figures, prefill = _run(variant, gen, [st for st, _ in out], tps, dense_step_bytes,
+                                   limits[limit_name], dense_tps, hf_tps, s["batch_size"])
     runs.append({**plain, **rounds.all_fields(figures)})
     _report(plain, figures, prefill, s["prompt_len"], s["rounds"], hf_tps)
   app.write_json(FLAGS.json_out, {
@@ -134,6 +144,8 @@ def main(argv):
       "prompt_len": s["prompt_len"],
       "decode_steps": s["decode_steps"],
       "rounds": s["rounds"],
+      "batch_size": s["batch_size"],
+      "tp": s["tp"],
       "load_seconds": load_seconds,
       "limits_gb_per_s": {name: rounds.fields("gb_per_s", f) for name, f in limits.items()},
       "limit": limit_name,
@@ -142,15 +154,20 @@ def main(argv):
   })
 
 
-def _run(variant, gen, stats, tps, dense_bytes, limit, dense_tps, hf_tps):
+def _label(method, beta, core):
+  return method + ("" if core is None else f" β={beta}" + (" shared" if core.shared else ""))
+
+
+def _run(variant, gen, stats, tps, dense_step_bytes, limit, dense_tps, hf_tps, batch_size):
   """(plain JSON fields, figures by JSON name (None: does not apply), the
   prefill's figures) of one variant, from its rounds' prefill stats and
-  decode tokens/s."""
+  decode steps/s. Bytes are per decode step and device (the whole batch's
+  rows, each device's shards): the bandwidth is each device's."""
   method, beta, core, _ = variant
   sparse = core is not None
-  weight_bytes = stats[0].decode_weight_bytes
-  achieved = rounds.scaled(tps, weight_bytes / 1e9)
-  bound = dense_bytes / weight_bytes
+  step_bytes = stats[0].decode_weight_bytes_per_device
+  achieved = rounds.scaled(tps, step_bytes / 1e9)
+  bound = dense_step_bytes / step_bytes
   selecting = [x for st in stats for x in st.selecting_prefill_rounds]
   prefill = rounds.prefill_figures(selecting, [st.gather_seconds for st in stats],
                                    [x for st in stats for x in st.dense_prefill_rounds])
@@ -161,13 +178,18 @@ def _run(variant, gen, stats, tps, dense_bytes, limit, dense_tps, hf_tps):
       "scoring": None if not sparse else core.scoring,
       "core": None if not sparse else core.summary(),
       "cluster_ids": None if method != "similarity" else [st.cluster_ids[0] for st in stats],
-      "weight_bytes_per_token": weight_bytes,
+      "weight_bytes_per_token": stats[0].decode_weight_bytes,
+      "weight_bytes_per_step_per_device": step_bytes,
+      "core_placement": gen.core_placement,
+      "tp": 1 if gen.mesh is None else gen.mesh.size,
+      "core_device_load": stats[0].core_device_load,
       "ffn_bytes_fraction": stats[0].ffn_bytes_fraction,
       "compile_seconds": sum(gen.compiled.compile_seconds.values()) + gen.compiled.warm_up_seconds,
       "bound_speedup": bound,
   }
   figures = {
       "decode_tokens_per_second": tps,
+      "batch_tokens_per_second": None if batch_size == 1 else rounds.scaled(tps, batch_size),
       "achieved_gb_per_s": achieved,
       "fraction_of_limit": rounds.scaled(achieved, 1 / limit.value),
       "prefill_seconds": prefill.prefill,
@@ -185,10 +207,12 @@ def _run(variant, gen, stats, tps, dense_bytes, limit, dense_tps, hf_tps):
 
 def _report(plain, figures, prefill, prompt_len, round_count, hf_tps):
   """A run's figures, min/median/max over the rounds, one line per kind."""
-  name = plain["method"] + ("" if plain["beta"] is None else f" β={plain['beta']} ({plain['scoring']})")
+  name = plain["method"] + ("" if plain["beta"] is None else f" β={plain['beta']} ({plain['scoring']}"
+                           f"{', shared' if plain['core']['sharing'] == 'shared' else ''})")
   lines = [
-      f"{rounds.describe('decode', figures['decode_tokens_per_second'], 2, ' tokens/s')}, "
-      f"{_spread(figures['achieved_gb_per_s'], 1, ' GB/s')} "
+      f"{rounds.describe('decode', figures['decode_tokens_per_second'], 2, ' tokens/s')}"
+      f"{_batch(figures['batch_tokens_per_second'])}, "
+      f"{_spread(figures['achieved_gb_per_s'], 1, ' GB/s')}{' a device' if plain['tp'] > 1 else ''} "
       f"({_spread(figures['fraction_of_limit'], 0, '%', 100)} of the machine limit)",
       f"{rounds.describe('prefill', figures['prefill_seconds'], 1, ' ms', 1e3)} ({prompt_len} tokens), "
       f"compile {plain['compile_seconds']:.1f} s (once)",
@@ -206,6 +230,10 @@ def _report(plain, figures, prefill, prompt_len, round_count, hf_tps):
                  f"({_spread(hf_tps, 2, ' tokens/s')})")
   over = "one round" if round_count == 1 else f"min/median/max over {round_count} rounds"
   print(f"{name} ({over}):\n  " + "\n  ".join(lines))
+
+
+def _batch(batch_tokens):
+  return "" if batch_tokens is None else f" a sequence ({_spread(batch_tokens, 1, ' tokens/s')} the batch)"
 
 
 def _spread(figure, digits, unit, scale=1.0):

@@ -65,3 +65,36 @@ def test_generate_decodes_sparse_on_two_devices_and_reports_the_placement(tiny_l
       assert payload["core_device_load"] == load
     else:
       assert 1.0 <= payload["core_device_load"] <= 2.0
+
+
+def test_benchmark_on_a_mesh_reports_each_devices_bytes_and_bandwidth(tiny_llama_with_tokenizer,
+                                                                       tmp_path):
+  out = tmp_path / "bench.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "scripts", "benchmark.py"),
+       f"--model={tiny_llama_with_tokenizer}",
+       "--tp=2", "--batch_size=2", "--methods=dense,stability", "--betas=0.5",
+       "--core_sharings=per_sequence,shared", "--sparse_layers=all", "--prompt_len=8",
+       "--cache_len=64", "--decode_steps=2", "--rounds=1", f"--json_out={out}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr
+  payload = json.loads(out.read_text())
+  assert payload["tp"] == 2 and payload["batch_size"] == 2
+  dense, own, shared = payload["runs"]
+  assert [r["core"] and r["core"]["sharing"] for r in payload["runs"]] == [None, "per_sequence", "shared"]
+  # 3 layers of gated FFNs, D 64, F 96, k 48, float32, neurons split over 2 devices.
+  ffn_row = 3 * 3 * 64 * 4 // 2   # one neuron's rows in every layer, per device
+  step = {r["core"]["sharing"] if r["core"] else "dense": r["weight_bytes_per_step_per_device"]
+          for r in payload["runs"]}
+  assert step["dense"] - step["shared"] == (96 - 48) * ffn_row
+  assert step["per_sequence"] - step["shared"] == 48 * ffn_row   # two sets against one
+  for run in payload["runs"]:
+    assert run["tp"] == 2
+    assert run["bound_speedup"] == pytest.approx(step["dense"] / run["weight_bytes_per_step_per_device"])
+    assert run["achieved_gb_per_s"] == pytest.approx(
+        run["decode_tokens_per_second"] * run["weight_bytes_per_step_per_device"] / 1e9, rel=1e-6)
+    assert run["batch_tokens_per_second"] == pytest.approx(2 * run["decode_tokens_per_second"])
+  assert own["core_placement"] == shared["core_placement"] == "local"
+  assert own["core_device_load"] == 1.0 and dense["core_device_load"] is None
+  assert "GB/s a device" in proc.stdout
