@@ -26,6 +26,8 @@ def define_flags() -> None:
   flags.DEFINE_list("core_blocks", ["1"], "stability: each setting with its core set chosen in "
                     "these numbers of neuron blocks, k/N from each (N: what --core_placement="
                     "local chooses on an N-device mesh; 1: over all neurons, as global does)")
+  flags.DEFINE_list("core_sharings", ["per_sequence"], "stability: each setting with per-sequence "
+                    "and/or batch-shared core sets (shared differs only with --window_batch > 1)")
   flags.DEFINE_float("alpha", 0.2, "token-wise core fraction (signed, magnitude scorings)")
   flags.DEFINE_string("beta_file", None, "per-layer β file (scripts/calibrate.py)")
   flags.DEFINE_list("beta_file_scorings", [], "scorings for --beta_file (default: --scorings)")
@@ -49,7 +51,7 @@ def build_policies(config, fingerprint):
   if "stability" in FLAGS.methods:
     policies += runners.stability_methods(config, FLAGS.scorings, [float(b) for b in FLAGS.betas],
                                           FLAGS.layer_sets, FLAGS.alpha,
-                                          [int(n) for n in FLAGS.core_blocks])
+                                          [int(n) for n in FLAGS.core_blocks], FLAGS.core_sharings)
   if FLAGS.beta_file:
     label = "beta_file:" + os.path.splitext(os.path.basename(FLAGS.beta_file))[0]
     policies += runners.beta_file_methods(config, FLAGS.beta_file, label,

@@ -41,6 +41,8 @@ flags.DEFINE_integer("generation_limit", None, "examples per generation task (de
 flags.DEFINE_integer("windows", 8, "wikitext: number of windows")
 flags.DEFINE_integer("window_context", 256, "wikitext: context tokens per window (dense prefill)")
 flags.DEFINE_integer("window_continuation", 256, "wikitext: continuation tokens per window (scored)")
+flags.DEFINE_integer("window_batch", 1, "wikitext: windows prefilled and decoded together (> 1: "
+                     "a shared core set spans them; perplexity only, no KL)")
 flags.DEFINE_string("json_out", None, "JSON of every result")
 flags.DEFINE_string("markdown_out", None, "Markdown table (default: the JSON's path with .md)")
 flags.DEFINE_string("plot", None, "PNG of each metric against FFN bytes (the frontier)")
@@ -117,6 +119,9 @@ def run_task(task, scorer, tokenizer):
   if task.kind == "perplexity":
     windows = tasks.text_windows(tokenizer, tasks.wikitext_text(FLAGS.data_dir),
                                  FLAGS.window_context, FLAGS.window_continuation, FLAGS.windows)
+    if FLAGS.window_batch > 1:
+      return runners.evaluate_batched_perplexity(scorer, windows, FLAGS.window_batch, task.name,
+                                                 FLAGS.progress)
     return runners.evaluate_perplexity(scorer, windows, task.name, FLAGS.progress)
   if task.kind == "multiple_choice":
     examples = tasks.load_examples(task, FLAGS.data_dir, FLAGS.limit, FLAGS.num_fewshot)
@@ -129,10 +134,11 @@ def run_task(task, scorer, tokenizer):
 # Every flag a result depends on (the task list is not one: a rerun may add
 # tasks). Files count by content: the model's fingerprint, the β file's
 # sha256, the cluster artefacts' id; the dtype as resolved on this machine.
-RESULT_SETTINGS = ["model", "methods", "betas", "scorings", "layer_sets", "core_blocks", "alpha",
-                   "beta_file", "beta_file_scorings", "buckets", "continuation_buckets", "cluster_dir",
+RESULT_SETTINGS = ["model", "methods", "betas", "scorings", "layer_sets", "core_blocks",
+                   "core_sharings", "alpha", "beta_file", "beta_file_scorings", "buckets",
+                   "continuation_buckets", "cluster_dir",
                    "limit", "generation_limit", "num_fewshot", "windows", "window_context",
-                   "window_continuation", "cache_len"]
+                   "window_continuation", "window_batch", "cache_len"]
 
 
 def result_settings(fingerprint):

@@ -27,24 +27,26 @@ from tqdm import tqdm
 from coreinfer_jax.core.cost import spec_ffn_bytes_fraction
 from coreinfer_jax.core.policy import CorePolicy, Stability
 from coreinfer_jax.core.spec import core_spec
-from coreinfer_jax.eval import metrics, tasks
+from coreinfer_jax.eval import batched_windows, metrics, tasks
 from coreinfer_jax.eval.scorer import ContinuationScorer
 from coreinfer_jax.model.config import ModelConfig
 from coreinfer_jax.runtime.stopping import eos_ids
 
 
 def stability_methods(config: ModelConfig, scorings: Sequence[str], betas: Sequence[float],
-                      layer_sets: Sequence[str], alpha: float,
-                      blocks: Sequence[int] = (1,)) -> List[CorePolicy]:
-  """One stability-guided policy per (layer set, β, scoring, neuron blocks);
-  names carry "/blocks=N" for sets chosen in N > 1 blocks."""
-  def suffix(n: int) -> str:
-    return "" if n == 1 else f"/blocks={n}"
+                      layer_sets: Sequence[str], alpha: float, blocks: Sequence[int] = (1,),
+                      sharings: Sequence[str] = ("per_sequence",)) -> List[CorePolicy]:
+  """One stability-guided policy per (layer set, β, scoring, neuron blocks,
+  sharing); names carry "/blocks=N" for sets chosen in N > 1 blocks and
+  "/shared" for batch-shared sets."""
+  def suffix(n: int, sharing: str) -> str:
+    return ("" if n == 1 else f"/blocks={n}") + ("" if sharing == "per_sequence" else f"/{sharing}")
   return [Stability(core_spec(config.num_layers, config.intermediate_size, beta=beta, alpha=alpha,
-                              scoring=scoring, sparse_layers=layers, blocks=n),
-                    name=f"stability/{scoring}/beta={beta:g}/{layers}{suffix(n)}",
-                    family=f"stability/{scoring}/{layers}{suffix(n)}")
-          for layers in layer_sets for beta in betas for scoring in scorings for n in blocks]
+                              scoring=scoring, sparse_layers=layers, blocks=n, sharing=sharing),
+                    name=f"stability/{scoring}/beta={beta:g}/{layers}{suffix(n, sharing)}",
+                    family=f"stability/{scoring}/{layers}{suffix(n, sharing)}")
+          for layers in layer_sets for beta in betas for scoring in scorings for n in blocks
+          for sharing in sharings]
 
 
 def beta_file_methods(config: ModelConfig, beta_file: str, label: str, scorings: Sequence[str],
@@ -96,6 +98,19 @@ def evaluate_perplexity(scorer: ContinuationScorer, windows: Sequence[tasks.Wind
     count += len(w.continuation)
   return [Result(task, m, {"perplexity": math.exp(nll[m.name] / count), "kl": kl[m.name] / count},
                  len(windows), spec_ffn_bytes_fraction(scorer.params, m.spec), {"tokens": count}) for m in scorer.methods]
+
+
+def evaluate_batched_perplexity(scorer: ContinuationScorer, windows: Sequence[tasks.Window],
+                                batch: int, task: str = "wikitext",
+                                progress: bool = True) -> List[Result]:
+  """Per-token perplexity with `batch` windows prefilled and decoded together
+  (`eval.batched_windows`: a shared core set spans the batch)."""
+  perplexity = batched_windows.batched_perplexity(scorer.params, scorer.config, scorer.methods,
+                                                  windows, batch, scorer.cache_len, progress)
+  count = sum(len(w.continuation) for w in windows)
+  return [Result(task, m, {"perplexity": perplexity[m.name]}, len(windows),
+                 spec_ffn_bytes_fraction(scorer.params, m.spec),
+                 {"tokens": count, "window_batch": batch}) for m in scorer.methods]
 
 
 def evaluate_choices(scorer: ContinuationScorer, tokenizer, examples: Sequence[tasks.ChoiceExample],
