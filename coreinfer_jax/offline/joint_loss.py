@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from coreinfer_jax.core.spec import num_core_neurons
-from coreinfer_jax.core.taps import RankRequest, ranking_tap
+from coreinfer_jax.core.taps import RankRequest, ranking_tap, take_core
 from coreinfer_jax.eval.scorer import continuation_fn
 from coreinfer_jax.eval.tasks import Window
 from coreinfer_jax.model.config import ModelConfig
@@ -46,7 +46,8 @@ def ranking_prefill_fn(config: ModelConfig, cache_len: int, scoring: str, alpha:
   def ranked(params: ModelParams, tokens_BT, start_B):
     logits_BV, cache, rankings = prefill(params, config, tokens_BT, start_B, tap, cache_len)
     return (jax.nn.log_softmax(logits_BV, axis=-1), cache,
-            tuple(jnp.argsort(r[request.rule][0]).astype(jnp.int32) for r in rankings))
+            tuple(jnp.argsort(take_core(rankings, layer, request)[0]).astype(jnp.int32)
+                  for layer in range(config.num_layers)))
   return ranked
 
 

@@ -42,11 +42,12 @@ def placement_of(spec: CoreSpec, mesh: Mesh) -> str:
 
 
 def _partition_specs(tree):
-  """Each leaf's PartitionSpec from its logical axes (neurons on the mesh)."""
+  """Each leaf's PartitionSpec from its logical axes (of an FFN's, only the
+  neurons are on the mesh)."""
   is_names = lambda x: isinstance(x, tuple) and all(isinstance(n, str) for n in x)   # noqa: E731
   return jax.tree_util.tree_map(
-      lambda names: PartitionSpec(*(TENSOR_PARALLEL_RULES.get(n) if n == "neurons" else None
-                                    for n in names)), logical_axes(tree), is_leaf=is_names)
+      lambda names: PartitionSpec(*(TENSOR_PARALLEL_RULES.get(n) for n in names)),
+      logical_axes(tree), is_leaf=is_names)
 
 
 class MeshCoreGather(CoreGather):
@@ -72,8 +73,11 @@ class MeshCoreGather(CoreGather):
   def layer(self, ffn: FFNParams, core: jax.Array):
     block = ffn.up_FD.shape[0] // self.devices
     in_specs = (_partition_specs(ffn), PartitionSpec())
-    out_specs = _partition_specs(jax.eval_shape(super().layer, ffn, core))
-    gather_own = lambda f, c: super(MeshCoreGather, self).layer(f, self._own_rows(c, block))   # noqa: E731
+    gather = super().layer
+    out_specs = _partition_specs(jax.eval_shape(gather, ffn, core))
+
+    def gather_own(ffn_block: FFNParams, core: jax.Array):
+      return gather(ffn_block, self._own_rows(core, block))
     return jax.shard_map(gather_own, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
                          check_vma=False)(ffn, core)
 
