@@ -22,7 +22,8 @@ def _configs(tmp_path, settings):
 CASES = {
     "generate.py": ({"max_new_tokens": 0, "prompt": "a b"},
                     "--max_new_tokens must be at least 1, got 0"),
-    "benchmark.py": ({"rounds": 0}, "--decode_steps, --rounds and --prompt_len must be at least 1"),
+    "benchmark.py": ({"rounds": 0}, "--decode_steps, --rounds, --prompt_len and --batch_size must be "
+                                     "at least 1"),
     "evaluate.py": ({"tasks": ["no_such_task"], "data_dir": "."}, "unknown task 'no_such_task'"),
     "calibrate.py": ({"out": "beta.json", "data": "/no/such/calibration.txt"},
                      "'/no/such/calibration.txt': a calibration text file is required"),
