@@ -81,7 +81,7 @@ def prefill_fn(config: ModelConfig, cache_len: int, sampling: SamplingConfig, po
   token [B], cache, per layer core set int32 [B, k] or None, the policy's
   extra outputs). Dense, with the policy's selection inside the same pass; on
   a `mesh`, the cache by KV heads and the rest replicated."""
-  tap = selection_tap(config.num_layers, [policy])
+  tap = meshes.replicated_tap(selection_tap(config.num_layers, [policy]), mesh)
 
   def run(params: ModelParams, tokens_BT, start_B, key, arrays):
     logits_BV, cache, rankings = prefill(params, config, tokens_BT, start_B, tap, cache_len)

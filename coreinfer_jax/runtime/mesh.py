@@ -22,6 +22,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from coreinfer_jax.model.cache import KVCache
 from coreinfer_jax.model.config import ModelConfig
+from coreinfer_jax.model.ffn import NeuronValues
+from coreinfer_jax.model.forward import Tap
 from coreinfer_jax.model.params import logical_axes
 
 TP = "tp"
@@ -108,3 +110,18 @@ def constrain_outputs(mesh: Optional[Mesh], cache: KVCache, host_read: Any) -> T
   return (jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh)),
           jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, replicated),
                                  host_read))
+
+
+def replicated_tap(tap: Optional[Tap], mesh: Optional[Mesh]) -> Optional[Tap]:
+  """`tap` seeing each layer's neuron values replicated on every device: one
+  all-gather of `[B, T, F]` per layer, after which selection runs on each
+  device alone. Left on the neuron-sharded values, the token-wise top-m's
+  bisection would all-reduce its counts once per pass and token block (600
+  ms against 30 for SmolLM2's 128-token prefill on 3 CPU devices)."""
+  if tap is None or mesh is None:
+    return tap
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def on_every_device(layer: int, values: NeuronValues, real_BT: jax.Array):
+    return tap(layer, jax.lax.with_sharding_constraint(values, replicated), real_BT)
+  return on_every_device
