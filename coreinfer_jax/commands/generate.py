@@ -22,7 +22,7 @@ from coreinfer_jax.bench import rounds
 from coreinfer_jax.cli import app, escapes, models
 from coreinfer_jax.cli import flags as cli_flags
 from coreinfer_jax.core import methods
-from coreinfer_jax.runtime import distributed
+from coreinfer_jax.runtime import distributed, offload
 from coreinfer_jax.runtime import prompts as prompt_encoding
 from coreinfer_jax.runtime.batching import DEFAULT_BUCKETS, pick_bucket, resolve_dtype
 from coreinfer_jax.runtime.generator import Generator
@@ -45,6 +45,8 @@ flags.DEFINE_boolean("escapes", True, "read backslash escapes in --prompt and --
 flags.DEFINE_boolean("chat", False, "wrap the prompt in the tokenizer's chat template")
 flags.DEFINE_boolean("stream", True, "print text as it is generated")
 flags.DEFINE_string("json_out", None, "write results as JSON here")
+flags.DEFINE_boolean("offload_ffn", False, "memory-limit mode: keep the sparsified layers' FFN "
+                     "weights in host memory (pinned_host); only their core rows reach the device")
 flags.DEFINE_boolean("preload_clusters", False, "similarity: gather every cluster's compact "
                      "FFNs at start (default: each on first use)")
 flags.DEFINE_boolean("time_selection", True, "sparse methods: time the selecting prefill "
@@ -116,6 +118,7 @@ def main(argv):
   policy = methods.policy_for(s["method"], s, config, cluster_dir=s["cluster_dir"],
                               fingerprint=models.model_fingerprint(FLAGS.model))
   core = policy.spec
+  offload.check_offload(FLAGS.offload_ffn, core is not None, s["tp"])
   tokenizer = checkpoint.load_tokenizer(checkpoint.model_path(FLAGS.model))
   prompt_ids = _encode_all(tokenizer, prompts, s)
   m, load_seconds = models.load(FLAGS.model, resolve_dtype(s["dtype"]), with_tokenizer=False)
@@ -125,7 +128,7 @@ def main(argv):
     print(f"[{s['method']}: {core.summary()}]", file=sys.stderr)
   gen = Generator(m.config, m.params, m.tokenizer, cache_len=s["cache_len"], sampling=sampling,
                   seed=s["seed"], policy=policy, preload=FLAGS.preload_clusters,
-                  time_selection=FLAGS.time_selection, mesh=mesh)
+                  time_selection=FLAGS.time_selection, mesh=mesh, offload_ffn=FLAGS.offload_ffn)
   records = []
   for prompt, ids in zip(prompts, prompt_ids):
     if stream:   # a chat answer is a turn of its own, not the prompt's continuation

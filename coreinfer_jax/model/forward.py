@@ -85,14 +85,21 @@ def logits(params: ModelParams, config: ModelConfig, x_BTD: jax.Array) -> jax.Ar
                     preferred_element_type=jnp.float32)
 
 
+# (layer index, its parameters) -> the parameters the pass computes with there
+# (e.g. host-offloaded weights copied into device memory, one layer at a time).
+UseLayer = Callable[[int, LayerParams], LayerParams]
+
+
 def forward_tapped(params: ModelParams, config: ModelConfig, cache: KVCache, tokens_BT: jax.Array,
                    tap: Optional[Tap], last_only: bool = False,
+                   use_layer: Optional[UseLayer] = None,
                    ) -> Tuple[jax.Array, KVCache, Tuple[Any, ...]]:
   """Runs a chunk of tokens [B, T] at slots [cache.length, cache.length + T).
 
   Returns (float32 logits [B, T, V], or [B, 1, V] with `last_only`; the cache
   with the chunk written; per layer, what `tap` returned, or None without a
-  tap). Python-unrolled over layers (GUIDE §2).
+  tap). Python-unrolled over layers (GUIDE §2); `use_layer` maps each layer's
+  parameters just before the layer runs (default: as they are).
   """
   T = tokens_BT.shape[1]
   pos_BT = positions(cache, T)
@@ -101,6 +108,7 @@ def forward_tapped(params: ModelParams, config: ModelConfig, cache: KVCache, tok
   new_k, new_v, tapped = [], [], []
   for i, (p, k_cache, v_cache) in enumerate(zip(params.layers, cache.k, cache.v)):
     layer_tap = (lambda values, i=i: tap(i, values, real_BT)) if tap else None
+    p = use_layer(i, p) if use_layer else p
     x, k_cache, v_cache, out = layer_forward(p, config, x, pos_BT, k_cache, v_cache,
                                              cache.length, cache.start_B,
                                              config.layer_window(i), layer_tap)

@@ -24,10 +24,11 @@ from coreinfer_jax.core.gather import CoreGather, CoreSets
 from coreinfer_jax.core.policy import CorePolicy, Dense, selection_tap
 from coreinfer_jax.model.cache import KVCache
 from coreinfer_jax.model.config import ModelConfig
-from coreinfer_jax.model.forward import forward
+from coreinfer_jax.model.forward import UseLayer, forward
 from coreinfer_jax.model.params import ModelParams
 from coreinfer_jax.runtime import core_placement
 from coreinfer_jax.runtime import mesh as meshes
+from coreinfer_jax.runtime import offload
 from coreinfer_jax.runtime import prompts
 from coreinfer_jax.runtime.batching import DEFAULT_BUCKETS, left_pad, pick_bucket
 from coreinfer_jax.runtime.compile import CompiledFunctions
@@ -76,15 +77,17 @@ def timed(clock: Callable[[], float], fn: Callable, *args) -> Tuple[Any, float]:
 
 
 def prefill_fn(config: ModelConfig, cache_len: int, sampling: SamplingConfig, policy: CorePolicy,
-               mesh: Optional[Mesh] = None):
+               mesh: Optional[Mesh] = None, use_layer: Optional[UseLayer] = None):
   """(params, tokens [B, T], start [B], key, policy arrays) -> (first new
   token [B], cache, per layer core set int32 [B, k] or None, the policy's
   extra outputs). Dense, with the policy's selection inside the same pass; on
-  a `mesh`, the cache by KV heads and the rest replicated."""
+  a `mesh`, the cache by KV heads and the rest replicated; `use_layer` maps
+  each layer's weights as it runs (host-offloaded FFNs: into device memory)."""
   tap = meshes.replicated_tap(selection_tap(config.num_layers, [policy]), mesh)
 
   def run(params: ModelParams, tokens_BT, start_B, key, arrays):
-    logits_BV, cache, rankings = prefill(params, config, tokens_BT, start_B, tap, cache_len)
+    logits_BV, cache, rankings = prefill(params, config, tokens_BT, start_B, tap, cache_len,
+                                         use_layer)
     core, aux = policy.core_sets(rankings, arrays, tokens_BT.shape[0])
     first = sample(logits_BV, jax.random.fold_in(key, cache.length), sampling)
     cache, (first, core, aux) = meshes.constrain_outputs(mesh, cache, (first, core, aux))
@@ -131,18 +134,23 @@ class Generator:
                sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
                policy: CorePolicy = Dense(), preload: bool = False, time_selection: bool = False,
                selection_rounds: int = 3, clock: Callable[[], float] = time.perf_counter,
-               mesh: Optional[Mesh] = None):
+               mesh: Optional[Mesh] = None, offload_ffn: bool = False):
     if policy.spec is not None and len(policy.spec.layer_k) != config.num_layers:
       raise ValueError(f"core spec for {len(policy.spec.layer_k)} layers, model has "
                        f"{config.num_layers}")
+    offload.check_offload(offload_ffn, policy.spec is not None, 1 if mesh is None else mesh.size)
     if mesh is not None:
       meshes.check_tensor_parallel(config, mesh.size)
       params = meshes.place_params(params, config, mesh)
     self.mesh = mesh
     self.core_placement: Optional[str] = None   # a sparse policy on a mesh: "local" or "global"
+    use_layer = None
     if mesh is not None and policy.spec is not None:
       core_gather = core_placement.MeshCoreGather(mesh, policy.spec)
       self.core_placement = core_gather.placement
+    elif offload_ffn:
+      params = offload.offload_ffns(params, policy.spec)
+      core_gather, use_layer = offload.HostFFNGather(shared=policy.spec.shared), offload.to_device
     else:
       core_gather = CoreGather(shared=policy.spec is not None and policy.spec.shared)
     self.config = config
@@ -161,8 +169,8 @@ class Generator:
     self._arrays = policy.arrays()
     if preload:
       self.store.preload(params)
-    self._prefill = prefill_fn(config, cache_len, sampling, policy, mesh)
-    self._dense_prefill = prefill_fn(config, cache_len, sampling, Dense(), mesh)
+    self._prefill = prefill_fn(config, cache_len, sampling, policy, mesh, use_layer)
+    self._dense_prefill = prefill_fn(config, cache_len, sampling, Dense(), mesh, use_layer)
     self._decode = decode_fn(config, sampling, mesh)
     self.eos_ids = eos_ids(config, tokenizer)
 

@@ -14,14 +14,17 @@ import jax
 
 from coreinfer_jax.model.cache import KVCache, init_cache
 from coreinfer_jax.model.config import ModelConfig
-from coreinfer_jax.model.forward import Tap, forward_tapped
+from coreinfer_jax.model.forward import Tap, UseLayer, forward_tapped
 from coreinfer_jax.model.params import ModelParams
 
 
 def prefill(params: ModelParams, config: ModelConfig, tokens_BT: jax.Array, start_B: jax.Array,
-            tap: Optional[Tap], cache_len: int) -> Tuple[jax.Array, KVCache, Tuple[Any, ...]]:
+            tap: Optional[Tap], cache_len: int, use_layer: Optional[UseLayer] = None,
+            ) -> Tuple[jax.Array, KVCache, Tuple[Any, ...]]:
   """(float32 logits of the last position [B, V], the cache, per layer the
-  tap's output). `start_B`: each prompt's first real slot (its left padding)."""
+  tap's output). `start_B`: each prompt's first real slot (its left padding);
+  `use_layer` as `forward_tapped` says."""
   cache = init_cache(config, tokens_BT.shape[0], cache_len, start_B, params.embed_VE.dtype)
-  logits_B1V, cache, tapped = forward_tapped(params, config, cache, tokens_BT, tap, last_only=True)
+  logits_B1V, cache, tapped = forward_tapped(params, config, cache, tokens_BT, tap, last_only=True,
+                                             use_layer=use_layer)
   return logits_B1V[:, 0], cache, tapped

@@ -1,0 +1,57 @@
+"""Memory-limit mode: the sparsified layers' FFN weights in host memory.
+
+A model larger than the device keeps the full FFN of every sparsified layer
+in host memory (`pinned_host`); everything else stays in device memory. The
+compiled prefill copies each layer's FFN into device memory as that layer
+runs (`use_layer`: a per-layer transfer inside the one compiled pass, which
+XLA may overlap with the previous layer's work, and whose buffer is dead once
+the layer is done); the gather copies the layer's FFN in and keeps only the
+core rows (`HostFFNGather`), so the compact FFNs, and every weight the decode
+step reads, are in device memory.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import SingleDeviceSharding
+
+from coreinfer_jax.core.gather import CoreGather
+from coreinfer_jax.core.spec import CoreSpec
+from coreinfer_jax.model.ffn import FFNParams
+from coreinfer_jax.model.params import LayerParams, ModelParams
+
+HOST = "pinned_host"
+
+
+def check_offload(offload_ffn: bool, sparse: bool, tp: int) -> None:
+  """Refuses, in one line, an offload that cannot run: dense decoding reads
+  every FFN weight each step; a mesh is not supported yet."""
+  if offload_ffn and not sparse:
+    raise ValueError("--offload_ffn needs a sparse method: dense decoding reads every FFN "
+                     "weight at each step")
+  if offload_ffn and tp > 1:
+    raise ValueError("--offload_ffn on a device mesh (--tp > 1) is not built yet")
+
+
+def offload_ffns(params: ModelParams, spec: CoreSpec) -> ModelParams:
+  """`params` with the FFN of every sparsified layer (k not None) moved to
+  host memory of the device that holds it."""
+  def to_host(ffn: FFNParams) -> FFNParams:
+    return jax.tree_util.tree_map(
+        lambda a: jax.device_put(a, SingleDeviceSharding(next(iter(a.devices())), memory_kind=HOST)),
+        ffn)
+  return params.with_ffns(tuple(to_host(layer.ffn) if k is not None else layer.ffn
+                                for layer, k in zip(params.layers, spec.layer_k)))
+
+
+def to_device(_: int, layer: LayerParams) -> LayerParams:
+  """A `use_layer` (inside a compiled function): the layer's FFN in device memory."""
+  return layer.replace(ffn=jax.device_put(layer.ffn, jax.memory.Space.Device))
+
+
+class HostFFNGather(CoreGather):
+  """`CoreGather` from host-resident FFNs: each layer's weights copied into
+  device memory, its core rows kept there."""
+
+  def layer(self, ffn: FFNParams, core: jax.Array):
+    return super().layer(jax.device_put(ffn, jax.memory.Space.Device), core)
