@@ -40,6 +40,7 @@ from coreinfer_jax.cli import flags as cli_flags
 from coreinfer_jax.core import methods
 from coreinfer_jax.core.cost import decode_weight_bytes, decode_weight_bytes_per_device
 from coreinfer_jax.core.spec import parse_beta
+from coreinfer_jax.runtime import offload
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.runtime.batching import resolve_dtype
 
@@ -50,6 +51,8 @@ flags.DEFINE_list("methods", None, "methods to measure interleaved (default: --m
 flags.DEFINE_list("betas", None, "uniform β values to measure for each sparse method (default: --beta)")
 flags.DEFINE_list("core_sharings", None, "core sharings to measure for each sparse method and β "
                   "(default: --core_sharing)")
+flags.DEFINE_boolean("offload_ffn", False, "sparse runs keep the sparsified layers' FFNs in host "
+                     "memory (pinned_host); dense runs stay resident (they read every weight)")
 flags.DEFINE_integer("batch_size", 1, "prompts decoded together (random ids, --prompt_len each)")
 cli_flags.define_random_input_flags()
 flags.DEFINE_integer("decode_steps", 64, "decode steps timed per round")
@@ -85,6 +88,8 @@ def main(argv):
   config = models.model_config(FLAGS.model, s["shape"], FLAGS.configs_dir, FLAGS.num_layers)
   mesh = cli_flags.mesh_from_flags(config)
   variants = _variants(s, config, models.model_fingerprint(FLAGS.model, s["shape"]))
+  offload.check_offload(FLAGS.offload_ffn, any(core is not None for _, _, core, _ in variants),
+                        s["tp"])
   dtype = resolve_dtype(s["dtype"])
   dtype_name = np.dtype(dtype).name
   m, load_seconds = models.load(FLAGS.model, dtype, s["shape"], FLAGS.configs_dir, FLAGS.num_layers)
@@ -102,7 +107,8 @@ def main(argv):
   print("\n".join(probes.describe(limits)))
 
   gens = [Generator(m.config, m.params, cache_len=s["cache_len"], policy=policy,
-                    time_selection=True, selection_rounds=1, mesh=mesh)
+                    time_selection=True, selection_rounds=1, mesh=mesh,
+                    offload_ffn=FLAGS.offload_ffn and policy.spec is not None)
           for _, _, _, policy in variants]
   prompts = np.random.default_rng(0).integers(3, m.config.vocab_size,
                                               (s["batch_size"], s["prompt_len"])).tolist()
@@ -192,6 +198,7 @@ def _run(variant, gen, stats, tps, dense_step_bytes, limit, dense_tps, hf_tps, b
       "core_placement": gen.core_placement,
       "tp": 1 if gen.mesh is None else gen.mesh.size,
       "core_device_load": stats[0].core_device_load,
+      "memory": stats[0].memory,
       "ffn_bytes_fraction": stats[0].ffn_bytes_fraction,
       "compile_seconds": sum(gen.compiled.compile_seconds.values()) + gen.compiled.warm_up_seconds,
       "bound_speedup": bound,

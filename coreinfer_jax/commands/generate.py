@@ -155,6 +155,7 @@ def main(argv):
         "decode_compiles": gen.compiled.compiles["decode"],
         "decode_weight_bytes_per_device": stats.decode_weight_bytes_per_device,
         "core_device_load": stats.core_device_load,
+        "memory": stats.memory,
         "cluster_id": None if stats.cluster_ids is None else stats.cluster_ids[0],
     })
     app.write_json(json_out, _payload(records, len(prompts), m.path, s["method"], core,

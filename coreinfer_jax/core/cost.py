@@ -48,6 +48,18 @@ def decode_weight_bytes_per_device(params: ModelParams) -> int:
       lambda a: jax.ShapeDtypeStruct(a.sharding.shard_shape(a.shape), a.dtype), params))
 
 
+def _shard_bytes(a) -> int:
+  return int(np.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize)
+
+
+def bytes_in_memory(kind: str, *trees) -> int:
+  """Bytes one device holds in memory `kind` ("device", "pinned_host") for the
+  distinct arrays of `trees` (an array shared by two trees counts once), from
+  each array's sharding and memory kind."""
+  arrays = {id(a): a for tree in trees for a in jax.tree_util.tree_leaves(tree)}
+  return sum(_shard_bytes(a) for a in arrays.values() if a.sharding.memory_kind == kind)
+
+
 @functools.singledispatch
 def ffn_bytes_per_sequence(ffn) -> float:
   """FFN weight bytes one sequence's decode token reads."""

@@ -52,6 +52,8 @@ class GenerationStats:
   # On a mesh: the busiest device's core rows over a balanced share (k/devices),
   # averaged over the sparsified layers and the batch (1.0: balanced).
   core_device_load: Optional[float] = None
+  # Weight bytes per device by memory (`runtime.offload.memory_record`).
+  memory: Dict[str, int] = dataclasses.field(default_factory=dict)
   decode_seconds: float = 0.0
   decode_steps: int = 0     # decode-step calls (each yields one token per sequence)
   cluster_ids: Optional[List[int]] = None   # similarity-guided: each sequence's cluster
@@ -247,6 +249,7 @@ class Generator:
     stats.ffn_bytes_fraction = cost.ffn_bytes_fraction(self.params, decode_params)
     stats.decode_weight_bytes = cost.decode_weight_bytes_per_sequence(self.params, decode_params)
     stats.decode_weight_bytes_per_device = cost.decode_weight_bytes_per_device(decode_params)
+    stats.memory = offload.memory_record(self.params, decode_params)
     if self.mesh is not None and self.policy.spec is not None:
       stats.core_device_load = core_placement.device_load(core, self.config.intermediate_size,
                                                           self.mesh.size)

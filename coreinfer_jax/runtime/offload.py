@@ -12,8 +12,12 @@ step reads, are in device memory.
 
 from __future__ import annotations
 
+from typing import Dict
+
 import jax
 from jax.sharding import SingleDeviceSharding
+
+from coreinfer_jax.core import cost
 
 from coreinfer_jax.core.gather import CoreGather
 from coreinfer_jax.core.spec import CoreSpec
@@ -55,3 +59,16 @@ class HostFFNGather(CoreGather):
 
   def layer(self, ffn: FFNParams, core: jax.Array):
     return super().layer(jax.device_put(ffn, jax.memory.Space.Device), core)
+
+
+def memory_record(params: ModelParams, decode_params: ModelParams) -> Dict[str, int]:
+  """Weight bytes per device by memory, from the arrays' memory kinds:
+  what the decode step reads from device memory; the peak in device memory
+  (the resident weights and the compact FFNs, plus one host-resident layer's
+  FFN, which the prefill and the gather copy in one layer at a time); and
+  what stays in host memory."""
+  one_layer = max((cost.bytes_in_memory(HOST, layer.ffn) for layer in params.layers), default=0)
+  return {"device_weight_bytes_decode": cost.bytes_in_memory("device", decode_params),
+          "device_weight_bytes_peak": cost.bytes_in_memory("device", params, decode_params)
+                                      + one_layer,
+          "host_weight_bytes": cost.bytes_in_memory(HOST, params)}

@@ -83,3 +83,20 @@ def test_generate_offloads_and_refuses_dense_offload_before_loading(tiny_llama_w
   assert dense.returncode == 2
   assert dense.stderr.strip() == ("error: --offload_ffn needs a sparse method: dense decoding reads "
                                   "every FFN weight at each step")
+
+
+def test_memory_record_counts_each_memory_from_the_arrays(tiny):
+  policy = _policy(tiny)
+  ffn_bytes = [cost.param_bytes(layer.ffn) for layer in tiny.params.layers]
+  total = cost.param_bytes(tiny.params)
+  for offloaded in (False, True):
+    gen = Generator(tiny.config, tiny.params, cache_len=64, policy=policy, offload_ffn=offloaded)
+    _, stats = gen.generate_ids(random_prompts([7], seed=4), 3)
+    compact = sum(cost.param_bytes(gen.prefill(gen.params, random_prompts([7], seed=4), 3)
+                                   .decode_params.layers[i].ffn) for i in (1, 2))
+    host = ffn_bytes[1] + ffn_bytes[2] if offloaded else 0
+    assert stats.memory["host_weight_bytes"] == host
+    assert stats.memory["device_weight_bytes_decode"] == total - ffn_bytes[1] - ffn_bytes[2] + compact
+    # resident weights + compact FFNs, + one layer's FFN copied in when offloaded
+    assert stats.memory["device_weight_bytes_peak"] == (total - host + compact
+                                                        + (max(ffn_bytes[1:3]) if offloaded else 0))
