@@ -53,6 +53,8 @@ flags.DEFINE_list("core_sharings", None, "core sharings to measure for each spar
                   "(default: --core_sharing)")
 flags.DEFINE_boolean("offload_ffn", False, "sparse runs keep the sparsified layers' FFNs in host "
                      "memory (pinned_host); dense runs stay resident (they read every weight)")
+flags.DEFINE_float("device_memory_limit_gb", None, "refuse, before loading, a run whose weights "
+                   "at peak plus KV cache exceed this much device memory")
 flags.DEFINE_integer("batch_size", 1, "prompts decoded together (random ids, --prompt_len each)")
 cli_flags.define_random_input_flags()
 flags.DEFINE_integer("decode_steps", 64, "decode steps timed per round")
@@ -91,6 +93,10 @@ def main(argv):
   offload.check_offload(FLAGS.offload_ffn, any(core is not None for _, _, core, _ in variants),
                         s["tp"])
   dtype = resolve_dtype(s["dtype"])
+  for _, _, core, _ in variants:   # dense runs stay resident
+    offloaded = FLAGS.offload_ffn and core is not None
+    offload.check_fits(FLAGS.device_memory_limit_gb, offload.planned_memory(
+        config, core, dtype, offloaded, s["batch_size"], s["cache_len"]), offloaded)
   dtype_name = np.dtype(dtype).name
   m, load_seconds = models.load(FLAGS.model, dtype, s["shape"], FLAGS.configs_dir, FLAGS.num_layers)
   if s["shape"]:

@@ -12,15 +12,19 @@ step reads, are in device memory.
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import SingleDeviceSharding
 
+from coreinfer_jax.checkpoint.convert import random_params
 from coreinfer_jax.core import cost
 
 from coreinfer_jax.core.gather import CoreGather
 from coreinfer_jax.core.spec import CoreSpec
+from coreinfer_jax.model.cache import init_cache
+from coreinfer_jax.model.config import ModelConfig
 from coreinfer_jax.model.ffn import FFNParams
 from coreinfer_jax.model.params import LayerParams, ModelParams
 
@@ -72,3 +76,35 @@ def memory_record(params: ModelParams, decode_params: ModelParams) -> Dict[str, 
           "device_weight_bytes_peak": cost.bytes_in_memory("device", params, decode_params)
                                       + one_layer,
           "host_weight_bytes": cost.bytes_in_memory(HOST, params)}
+
+
+def planned_memory(config: ModelConfig, spec: Optional[CoreSpec], dtype, offload_ffn: bool,
+                   batch: int, cache_len: int) -> Dict[str, int]:
+  """Before anything loads, from shapes alone (`jax.eval_shape`): the device
+  bytes at peak that `memory_record` will report (`weights`), and the KV
+  cache's (`cache`)."""
+  params = jax.eval_shape(lambda: random_params(config, 0, dtype))
+  sparse = [] if spec is None else [i for i, k in enumerate(spec.layer_k) if k is not None]
+  gather = CoreGather(shared=spec is not None and spec.shared)
+  compact = sum(cost.param_bytes(jax.eval_shape(
+      gather.layer, params.layers[i].ffn,
+      jax.ShapeDtypeStruct((1 if gather.shared else batch, spec.layer_k[i]), jnp.int32)))
+      for i in sparse)
+  ffn = [cost.param_bytes(params.layers[i].ffn) for i in sparse]
+  host = sum(ffn) - max(ffn, default=0) if offload_ffn else 0   # one layer is copied in at a time
+  cache = jax.eval_shape(lambda: init_cache(config, batch, cache_len, jnp.zeros((batch,), jnp.int32),
+                                            dtype))
+  return {"weights": cost.param_bytes(params) + compact - host,
+          "cache": cost.param_bytes((cache.k, cache.v))}
+
+
+def check_fits(limit_gb: Optional[float], planned: Dict[str, int], offload_ffn: bool) -> None:
+  """Refuses, in one line, a run whose planned device memory exceeds `limit_gb`."""
+  if limit_gb is None:
+    return
+  need = planned["weights"] + planned["cache"]
+  if need > limit_gb * 1e9:
+    hint = "" if offload_ffn else "; --offload_ffn keeps the sparsified layers' FFNs in host memory"
+    raise ValueError(f"--device_memory_limit_gb={limit_gb:g}: the run needs {need / 1e9:.3f} GB "
+                     f"of device memory ({planned['weights'] / 1e9:.3f} GB of weights at peak, "
+                     f"{planned['cache'] / 1e9:.3f} GB of KV cache){hint}")

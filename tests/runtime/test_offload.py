@@ -4,6 +4,9 @@ token, the decode step reads only device memory, the full FFNs stay on the
 host, and each function compiles once."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -15,7 +18,7 @@ from coreinfer_jax.core.policy import Stability
 from coreinfer_jax.core.spec import core_spec
 from coreinfer_jax.runtime import offload
 from coreinfer_jax.runtime.generator import Generator
-from tests.conftest import make_tiny_hf_model, random_prompts, run_generate
+from tests.conftest import REPO, make_tiny_hf_model, random_prompts, run_generate
 
 
 @pytest.fixture(scope="module", params=["llama_tied", "opt_pre_ln"])
@@ -100,3 +103,25 @@ def test_memory_record_counts_each_memory_from_the_arrays(tiny):
     # resident weights + compact FFNs, + one layer's FFN copied in when offloaded
     assert stats.memory["device_weight_bytes_peak"] == (total - host + compact
                                                         + (max(ffn_bytes[1:3]) if offloaded else 0))
+
+
+@pytest.mark.parametrize("offloaded", [False, True])
+def test_the_plan_before_loading_is_what_the_run_reports(tiny, offloaded):
+  policy = _policy(tiny)
+  plan = offload.planned_memory(tiny.config, policy.spec, np.float32, offloaded, 2, 64)
+  gen = Generator(tiny.config, tiny.params, cache_len=64, policy=policy, offload_ffn=offloaded)
+  _, stats = gen.generate_ids(random_prompts([7, 9], seed=4), 3)
+  assert plan["weights"] == stats.memory["device_weight_bytes_peak"]
+  cfg = tiny.config
+  assert plan["cache"] == 2 * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 64 * 4
+
+
+def test_a_device_memory_limit_too_small_is_refused_before_loading(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "scripts", "benchmark.py"), "--shape=llama3-8b",
+       "--methods=dense,stability", "--betas=0.4", "--offload_ffn", "--device_memory_limit_gb=8",
+       "--dtype=bfloat16", "--cache_len=1024"],
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().startswith("error: --device_memory_limit_gb=8: the run needs 16.")
+  assert "GB of weights at peak" in proc.stderr and "KV cache" in proc.stderr
