@@ -305,3 +305,20 @@ def test_cluster_script_refuses_bad_settings(tiny_llama_with_tokenizer, syntheti
                         (["--sparse_layers=0", "--cluster_layer=2"], "give --cluster_beta")):
     result = run_script("cluster.py", *base, *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_similarity_with_host_offloaded_ffns_equals_resident(tiny):
+  spec, plan = _plan(tiny)
+  prompts = random_prompts([5, 17, 9], seed=12)
+  stats = _stats(tiny, plan, prompts)
+  centroids = clustering.multi_hot(stats.cluster_sets_NK[::-1], 96)
+  sets = [np.stack([stats.layer_sets(i, k)[n] for n in (2, 1, 0)]) for i, k in enumerate(spec.layer_k)]
+  art = _artefacts(tiny, spec, sets, centroids, plan.cluster_layer, plan.cluster_k)
+  resident = Generator(tiny.config, tiny.params, cache_len=64, policy=Similarity(art))
+  offloaded = Generator(tiny.config, tiny.params, cache_len=64, policy=Similarity(art),
+                        offload_ffn=True, preload=True)   # every cluster gathered from host memory
+  want, _ = resident.generate_ids(prompts, 8)
+  got, _ = offloaded.generate_ids(prompts, 8)
+  assert [r.token_ids for r in got] == [r.token_ids for r in want]
+  for ffns in (offloaded.store.ffns(offloaded.params, c) for c in offloaded.store.gathered):
+    assert {a.sharding.memory_kind for a in jax.tree_util.tree_leaves(ffns)} == {"device"}
