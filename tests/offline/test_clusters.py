@@ -174,14 +174,19 @@ def test_single_cluster_holding_the_prompts_sets_equals_stability_decoding(tiny)
     np.testing.assert_array_equal(np.asarray(c), s[:1])
 
 
-def test_similarity_batches_pick_each_prompts_cluster(tiny):
+def _three_prompt_clusters(tiny):
+  """(spec, prompts, artefacts): three clusters, each centred on one prompt's
+  clustering-layer set (in reverse order), holding that prompt's sets."""
   spec, plan = _plan(tiny)
   prompts = random_prompts([5, 17, 9], seed=12)
   stats = _stats(tiny, plan, prompts)
-  # Three clusters, each centred on one prompt's clustering-layer set.
   centroids = clustering.multi_hot(stats.cluster_sets_NK[::-1], 96)
   sets = [np.stack([stats.layer_sets(i, k)[n] for n in (2, 1, 0)]) for i, k in enumerate(spec.layer_k)]
-  art = _artefacts(tiny, spec, sets, centroids, plan.cluster_layer, plan.cluster_k)
+  return spec, prompts, _artefacts(tiny, spec, sets, centroids, plan.cluster_layer, plan.cluster_k)
+
+
+def test_similarity_batches_pick_each_prompts_cluster(tiny):
+  spec, prompts, art = _three_prompt_clusters(tiny)
   gen = Generator(tiny.config, tiny.params, cache_len=64, policy=Similarity(art))
   batch = gen.prefill(tiny.params, prompts, 4)
   np.testing.assert_array_equal(batch.cluster_ids, [2, 1, 0])
@@ -308,12 +313,7 @@ def test_cluster_script_refuses_bad_settings(tiny_llama_with_tokenizer, syntheti
 
 
 def test_similarity_with_host_offloaded_ffns_equals_resident(tiny):
-  spec, plan = _plan(tiny)
-  prompts = random_prompts([5, 17, 9], seed=12)
-  stats = _stats(tiny, plan, prompts)
-  centroids = clustering.multi_hot(stats.cluster_sets_NK[::-1], 96)
-  sets = [np.stack([stats.layer_sets(i, k)[n] for n in (2, 1, 0)]) for i, k in enumerate(spec.layer_k)]
-  art = _artefacts(tiny, spec, sets, centroids, plan.cluster_layer, plan.cluster_k)
+  _, prompts, art = _three_prompt_clusters(tiny)
   resident = Generator(tiny.config, tiny.params, cache_len=64, policy=Similarity(art))
   offloaded = Generator(tiny.config, tiny.params, cache_len=64, policy=Similarity(art),
                         offload_ffn=True, preload=True)   # every cluster gathered from host memory
