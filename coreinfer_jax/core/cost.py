@@ -41,15 +41,15 @@ def decode_weight_bytes(params: ModelParams) -> int:
   return total
 
 
+def _shard(a: jax.Array) -> jax.ShapeDtypeStruct:
+  """The shape and dtype of one device's shard of `a`."""
+  return jax.ShapeDtypeStruct(a.sharding.shard_shape(a.shape), a.dtype)
+
+
 def decode_weight_bytes_per_device(params: ModelParams) -> int:
   """`decode_weight_bytes` of one device's shards: the weight bytes each
   device reads per decode step (the whole batch), from the arrays' shardings."""
-  return decode_weight_bytes(jax.tree_util.tree_map(
-      lambda a: jax.ShapeDtypeStruct(a.sharding.shard_shape(a.shape), a.dtype), params))
-
-
-def _shard_bytes(a) -> int:
-  return int(np.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize)
+  return decode_weight_bytes(jax.tree_util.tree_map(_shard, params))
 
 
 def bytes_in_memory(kind: str, *trees) -> int:
@@ -57,7 +57,7 @@ def bytes_in_memory(kind: str, *trees) -> int:
   distinct arrays of `trees` (an array shared by two trees counts once), from
   each array's sharding and memory kind."""
   arrays = {id(a): a for tree in trees for a in jax.tree_util.tree_leaves(tree)}
-  return sum(_shard_bytes(a) for a in arrays.values() if a.sharding.memory_kind == kind)
+  return param_bytes([_shard(a) for a in arrays.values() if a.sharding.memory_kind == kind])
 
 
 @functools.singledispatch

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from coreinfer_jax.core.policy import CorePolicy, selection_tap
-from coreinfer_jax.eval.scorer import masked_params
+from coreinfer_jax.eval.scorer import keep_mask, masked_params
 from coreinfer_jax.eval.tasks import Window
 from coreinfer_jax.model.config import ModelConfig
 from coreinfer_jax.model.forward import forward
@@ -34,14 +34,6 @@ def batch_logprob_fn(config: ModelConfig, cache_len: int, policy: CorePolicy):
   """(params, contexts int32 [B, T], continuations int32 [B, C], policy
   arrays) -> float32 [B]: each continuation's summed log-probability."""
   tap = selection_tap(config.num_layers, [policy])
-  F = config.intermediate_size
-
-  def keep_mask(core, B):
-    if core is None:
-      return jnp.ones((B, F), jnp.float32)
-    rows = jnp.arange(core.shape[0])[:, None]
-    mask = jnp.zeros((core.shape[0], F), jnp.float32).at[rows, core].set(1.0)
-    return jnp.broadcast_to(mask, (B, F))   # a shared set: one row for the batch
 
   def run(params: ModelParams, contexts_BT, continuations_BC, arrays):
     B = contexts_BT.shape[0]
@@ -50,7 +42,7 @@ def batch_logprob_fn(config: ModelConfig, cache_len: int, policy: CorePolicy):
     core, _ = policy.core_sets(rankings, arrays, B)
     first_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1),
                                   continuations_BC[:, :1], axis=-1)[:, 0]
-    keep = tuple(keep_mask(c, B) for c in core)
+    keep = tuple(keep_mask(c, B, config.intermediate_size) for c in core)
     logits, _ = forward(masked_params(params, keep), config, cache, continuations_BC[:, :-1])
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     rest_B = jnp.sum(jnp.take_along_axis(logprobs, continuations_BC[:, 1:, None], axis=-1),

@@ -46,6 +46,16 @@ CONTINUATION_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024)
 KeepMasks = Tuple[jax.Array, ...]   # per layer float32 [M, F]: row m keeps policy m's neurons
 
 
+def keep_mask(core: Optional[jax.Array], batch: int, num_neurons: int) -> jax.Array:
+  """float32 [batch, F]: 1 at each row's core neurons (`core` int32 [batch, k],
+  or [1, k] for a set shared by the batch); all ones for a dense layer (None)."""
+  if core is None:
+    return jnp.ones((batch, num_neurons), jnp.float32)
+  rows = jnp.arange(core.shape[0])[:, None]
+  mask = jnp.zeros((core.shape[0], num_neurons), jnp.float32).at[rows, core].set(1.0)
+  return jnp.broadcast_to(mask, (batch, num_neurons))
+
+
 def select_fn(config: ModelConfig, cache_len: int, policies: Sequence[CorePolicy]):
   """(params, tokens [1, T], start [1], each policy's arrays) -> (last-position
   log-probabilities [V], cache, keep masks, cluster ids int32 [M] (-1: none))."""
@@ -59,8 +69,7 @@ def select_fn(config: ModelConfig, cache_len: int, policies: Sequence[CorePolicy
     for policy, policy_arrays in zip(policies, arrays):
       core, aux = policy.core_sets(rankings, policy_arrays, 1)
       for layer, core_BK in enumerate(core):
-        keep[layer].append(jnp.ones((F,), jnp.float32) if core_BK is None
-                           else jnp.zeros((F,), jnp.float32).at[core_BK[0]].set(1.0))
+        keep[layer].append(keep_mask(core_BK, 1, F)[0])
       cluster_ids.append(aux["cluster_ids"][0] if "cluster_ids" in aux else jnp.int32(-1))
     return (jax.nn.log_softmax(logits_BV[0]), cache, tuple(jnp.stack(k) for k in keep),
             jnp.stack(cluster_ids))

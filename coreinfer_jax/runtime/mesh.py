@@ -56,6 +56,10 @@ def tensor_parallel_mesh(config: ModelConfig, tp: int) -> Optional[Mesh]:
   return None if tp == 1 else make_mesh(tp)
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
 def _spec(names: Sequence[str], shape: Sequence[int], mesh: Mesh, rules: Dict[str, str],
           units: Dict[str, int]) -> PartitionSpec:
   """Each dimension on its rule's mesh axis where that axis divides it: its
@@ -92,11 +96,10 @@ def cache_shardings(cache: KVCache, mesh: Mesh,
   """The cache's placement: K `[B, KVH, hd, S]` and V `[B, KVH, S, hd]` by KV
   heads (replicated where the mesh does not divide them), the rest replicated."""
   k_names, v_names = ("batch", "kv_heads", "head_dim", "slots"), ("batch", "kv_heads", "slots", "head_dim")
-  replicated = NamedSharding(mesh, PartitionSpec())
   return KVCache(
       k=tuple(NamedSharding(mesh, _spec(k_names, k.shape, mesh, rules, {})) for k in cache.k),
       v=tuple(NamedSharding(mesh, _spec(v_names, v.shape, mesh, rules, {})) for v in cache.v),
-      start_B=replicated, length=replicated)
+      start_B=replicated(mesh), length=replicated(mesh))
 
 
 def constrain_outputs(mesh: Optional[Mesh], cache: KVCache, host_read: Any) -> Tuple[KVCache, Any]:
@@ -106,10 +109,8 @@ def constrain_outputs(mesh: Optional[Mesh], cache: KVCache, host_read: Any) -> T
   mesh: both unchanged."""
   if mesh is None:
     return cache, host_read
-  replicated = NamedSharding(mesh, PartitionSpec())
   return (jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh)),
-          jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, replicated),
-                                 host_read))
+          jax.lax.with_sharding_constraint(host_read, replicated(mesh)))
 
 
 def replicated_tap(tap: Optional[Tap], mesh: Optional[Mesh]) -> Optional[Tap]:
@@ -120,8 +121,7 @@ def replicated_tap(tap: Optional[Tap], mesh: Optional[Mesh]) -> Optional[Tap]:
   ms against 30 for SmolLM2's 128-token prefill on 3 CPU devices)."""
   if tap is None or mesh is None:
     return tap
-  replicated = NamedSharding(mesh, PartitionSpec())
 
   def on_every_device(layer: int, values: NeuronValues, real_BT: jax.Array):
-    return tap(layer, jax.lax.with_sharding_constraint(values, replicated), real_BT)
+    return tap(layer, jax.lax.with_sharding_constraint(values, replicated(mesh)), real_BT)
   return on_every_device
