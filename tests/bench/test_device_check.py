@@ -5,6 +5,7 @@ memory-limit run's sparsified FFNs in host memory."""
 import json
 import os
 import subprocess
+import sys
 
 from tests.conftest import REPO
 
@@ -12,7 +13,7 @@ from tests.conftest import REPO
 def test_device_check_dry_run_on_cpu_writes_every_run(tmp_path):
   env = dict(os.environ, DEVICE_CHECK_CPU="1", OUT=str(tmp_path), SHAPE="smollm2-135m",
              NUM_LAYERS="2", DTYPE="float32", BUDGET_GB="0.2", ROUNDS="1", STEPS="2",
-             PROMPT_LEN="16", CACHE_LEN="64", PYTHON="python", JAX_PLATFORMS="cpu")
+             PROMPT_LEN="16", CACHE_LEN="64", PYTHON=sys.executable, JAX_PLATFORMS="cpu")
   proc = subprocess.run([os.path.join(REPO, "scripts", "device_check.sh")], env=env, cwd=REPO,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -27,7 +28,7 @@ def test_device_check_dry_run_on_cpu_writes_every_run(tmp_path):
 
 
 def test_device_check_refuses_without_a_gpu(tmp_path):
-  env = dict(os.environ, OUT=str(tmp_path), PYTHON="python", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, JAX_PLATFORMS="cpu")
   env.pop("DEVICE_CHECK_CPU", None)
   proc = subprocess.run([os.path.join(REPO, "scripts", "device_check.sh")], env=env, cwd=REPO,
                         capture_output=True, text=True, timeout=120)
