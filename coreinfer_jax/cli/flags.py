@@ -14,6 +14,7 @@ from coreinfer_jax.eval import datasets
 from coreinfer_jax.model.config import ModelConfig
 from coreinfer_jax.runtime import distributed
 from coreinfer_jax.runtime import mesh as meshes
+from coreinfer_jax.runtime import offload
 from coreinfer_jax.runtime.batching import DTYPES
 
 FLAGS = flags.FLAGS
@@ -45,6 +46,15 @@ def mesh_from_flags(config: ModelConfig) -> Optional[Mesh]:
   the `--tp` mesh (None for one device), checked against the model."""
   distributed.start(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   return meshes.tensor_parallel_mesh(config, FLAGS.tp)
+
+
+def define_offload_flags() -> None:
+  flags.DEFINE_boolean("offload_ffn", False, "memory-limit mode: sparse runs keep the sparsified "
+                       "layers' FFN weights in host memory (pinned_host), only their core rows "
+                       "reach the device (dense runs stay resident: they read every weight)")
+  flags.DEFINE_enum("offload_gather", "device", offload.GATHER_SIDES, "with --offload_ffn, where "
+                    "the core rows are picked: device (each layer's FFN copied in, then gathered) "
+                    "or host (gathered on the host, only the k rows copied; one device)")
 
 
 def define_random_input_flags() -> None:

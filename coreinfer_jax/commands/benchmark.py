@@ -47,12 +47,11 @@ from coreinfer_jax.runtime.batching import resolve_dtype
 cli_flags.define_model_flags()
 cli_flags.define_core_flags()
 cli_flags.define_mesh_flags()
+cli_flags.define_offload_flags()
 flags.DEFINE_list("methods", None, "methods to measure interleaved (default: --method)")
 flags.DEFINE_list("betas", None, "uniform β values to measure for each sparse method (default: --beta)")
 flags.DEFINE_list("core_sharings", None, "core sharings to measure for each sparse method and β "
                   "(default: --core_sharing)")
-flags.DEFINE_boolean("offload_ffn", False, "sparse runs keep the sparsified layers' FFNs in host "
-                     "memory (pinned_host); dense runs stay resident (they read every weight)")
 flags.DEFINE_float("device_memory_limit_gb", None, "refuse, before loading, a run whose weights "
                    "at peak plus KV cache exceed this much device memory")
 flags.DEFINE_integer("batch_size", 1, "prompts decoded together (random ids, --prompt_len each)")
@@ -91,12 +90,12 @@ def main(argv):
   mesh = cli_flags.mesh_from_flags(config)
   variants = _variants(s, config, models.model_fingerprint(FLAGS.model, s["shape"]))
   offload.check_offload(FLAGS.offload_ffn, any(core is not None for _, _, core, _ in variants),
-                        s["tp"])
+                        s["tp"], FLAGS.offload_gather)
   dtype = resolve_dtype(s["dtype"])
   for _, _, core, _ in variants:   # dense runs stay resident
     offloaded = FLAGS.offload_ffn and core is not None
     offload.check_fits(FLAGS.device_memory_limit_gb, offload.planned_memory(
-        config, core, dtype, offloaded, s["batch_size"], s["cache_len"]), offloaded)
+        config, core, dtype, offloaded, s["batch_size"], s["cache_len"], mesh), offloaded)
   dtype_name = np.dtype(dtype).name
   m, load_seconds = models.load(FLAGS.model, dtype, s["shape"], FLAGS.configs_dir, FLAGS.num_layers)
   if s["shape"]:
@@ -114,7 +113,8 @@ def main(argv):
 
   gens = [Generator(m.config, m.params, cache_len=s["cache_len"], policy=policy,
                     time_selection=True, selection_rounds=1, mesh=mesh,
-                    offload_ffn=FLAGS.offload_ffn and policy.spec is not None)
+                    offload_ffn=FLAGS.offload_ffn and policy.spec is not None,
+                    offload_gather=FLAGS.offload_gather)
           for _, _, _, policy in variants]
   prompts = np.random.default_rng(0).integers(3, m.config.vocab_size,
                                               (s["batch_size"], s["prompt_len"])).tolist()

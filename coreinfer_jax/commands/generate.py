@@ -30,6 +30,7 @@ from coreinfer_jax.runtime.sampling import SamplingConfig
 
 cli_flags.define_model_flags()
 cli_flags.define_mesh_flags()
+cli_flags.define_offload_flags()
 cli_flags.define_core_flags()
 flags.DEFINE_string("prompt", None, f"the prompt; {escapes.HELP}")
 flags.DEFINE_string("prompts_file", None, "a UTF-8 file of prompts, one per line (taken as "
@@ -45,8 +46,6 @@ flags.DEFINE_boolean("escapes", True, "read backslash escapes in --prompt and --
 flags.DEFINE_boolean("chat", False, "wrap the prompt in the tokenizer's chat template")
 flags.DEFINE_boolean("stream", True, "print text as it is generated")
 flags.DEFINE_string("json_out", None, "write results as JSON here")
-flags.DEFINE_boolean("offload_ffn", False, "memory-limit mode: keep the sparsified layers' FFN "
-                     "weights in host memory (pinned_host); only their core rows reach the device")
 flags.DEFINE_boolean("preload_clusters", False, "similarity: gather every cluster's compact "
                      "FFNs at start (default: each on first use)")
 flags.DEFINE_boolean("time_selection", True, "sparse methods: time the selecting prefill "
@@ -118,7 +117,7 @@ def main(argv):
   policy = methods.policy_for(s["method"], s, config, cluster_dir=s["cluster_dir"],
                               fingerprint=models.model_fingerprint(FLAGS.model))
   core = policy.spec
-  offload.check_offload(FLAGS.offload_ffn, core is not None, s["tp"])
+  offload.check_offload(FLAGS.offload_ffn, core is not None, s["tp"], FLAGS.offload_gather)
   tokenizer = checkpoint.load_tokenizer(checkpoint.model_path(FLAGS.model))
   prompt_ids = _encode_all(tokenizer, prompts, s)
   m, load_seconds = models.load(FLAGS.model, resolve_dtype(s["dtype"]), with_tokenizer=False)
@@ -128,7 +127,8 @@ def main(argv):
     print(f"[{s['method']}: {core.summary()}]", file=sys.stderr)
   gen = Generator(m.config, m.params, m.tokenizer, cache_len=s["cache_len"], sampling=sampling,
                   seed=s["seed"], policy=policy, preload=FLAGS.preload_clusters,
-                  time_selection=FLAGS.time_selection, mesh=mesh, offload_ffn=FLAGS.offload_ffn)
+                  time_selection=FLAGS.time_selection, mesh=mesh, offload_ffn=FLAGS.offload_ffn,
+                  offload_gather=FLAGS.offload_gather)
   records = []
   for prompt, ids in zip(prompts, prompt_ids):
     if stream:   # a chat answer is a turn of its own, not the prompt's continuation

@@ -22,33 +22,38 @@ CoreSets = Tuple[Optional[jax.Array], ...]   # per layer int32 [B, k] ([1, k] sh
 CompactFFNs = Tuple[Optional[Union[PerSequenceFFN, FFNParams]], ...]
 
 
-def _rows(w: Optional[jax.Array], core: jax.Array) -> Optional[jax.Array]:
-  """Rows `core` (`[k]` or `[B, k]`) of a `[F, ...]` weight: `[(B,) k, ...]`;
-  an index past the last row gives a row of zeros."""
-  return None if w is None else jnp.take(w, jnp.sort(core, axis=-1), axis=0, mode="fill",
+# `mode`, what an index past the last neuron gathers: "fill", a neuron of
+# zeros (the mesh's empty slots use it); "clip", the last neuron, for indices
+# known to be in range (host-side gathers: `compute_on` cannot build fill's
+# constants).
+
+
+def _rows(w: Optional[jax.Array], core: jax.Array, mode: str) -> Optional[jax.Array]:
+  """Rows `core` (`[k]` or `[B, k]`) of a `[F, ...]` weight: `[(B,) k, ...]`."""
+  return None if w is None else jnp.take(w, jnp.sort(core, axis=-1), axis=0, mode=mode,
                                          fill_value=0)
 
 
-def _columns(w_DF: jax.Array, core: jax.Array) -> jax.Array:
-  """Columns `core` (`[k]` or `[B, k]`) of a `[D, F]` weight: `[(B,) D, k]`;
-  an index past the last column gives a column of zeros."""
-  return jnp.moveaxis(jnp.take(w_DF, jnp.sort(core, axis=-1), axis=1, mode="fill", fill_value=0),
+def _columns(w_DF: jax.Array, core: jax.Array, mode: str) -> jax.Array:
+  """Columns `core` (`[k]` or `[B, k]`) of a `[D, F]` weight: `[(B,) D, k]`."""
+  return jnp.moveaxis(jnp.take(w_DF, jnp.sort(core, axis=-1), axis=1, mode=mode, fill_value=0),
                       0, -2)
 
 
-def gather_per_sequence(ffn: FFNParams, core_BK: jax.Array) -> PerSequenceFFN:
+def gather_per_sequence(ffn: FFNParams, core_BK: jax.Array, mode: str = "fill") -> PerSequenceFFN:
   """Neurons `core_BK[b]` of every weight, for each sequence b (an index F
-  or more: a neuron of zeros, which adds nothing)."""
-  return PerSequenceFFN(up_BKD=_rows(ffn.up_FD, core_BK), down_BDK=_columns(ffn.down_DF, core_BK),
-                        gate_BKD=_rows(ffn.gate_FD, core_BK),
-                        up_bias_BK=_rows(ffn.up_bias_F, core_BK), down_bias_D=ffn.down_bias_D)
+  or more, in mode "fill": a neuron of zeros, which adds nothing)."""
+  return PerSequenceFFN(up_BKD=_rows(ffn.up_FD, core_BK, mode),
+                        down_BDK=_columns(ffn.down_DF, core_BK, mode),
+                        gate_BKD=_rows(ffn.gate_FD, core_BK, mode),
+                        up_bias_BK=_rows(ffn.up_bias_F, core_BK, mode), down_bias_D=ffn.down_bias_D)
 
 
-def gather_shared(ffn: FFNParams, core_K: jax.Array) -> FFNParams:
+def gather_shared(ffn: FFNParams, core_K: jax.Array, mode: str = "fill") -> FFNParams:
   """Neurons `core_K` of every weight, one compact FFN for the batch."""
-  return FFNParams(up_FD=_rows(ffn.up_FD, core_K), down_DF=_columns(ffn.down_DF, core_K),
-                   gate_FD=_rows(ffn.gate_FD, core_K), up_bias_F=_rows(ffn.up_bias_F, core_K),
-                   down_bias_D=ffn.down_bias_D)
+  return FFNParams(up_FD=_rows(ffn.up_FD, core_K, mode), down_DF=_columns(ffn.down_DF, core_K, mode),
+                   gate_FD=_rows(ffn.gate_FD, core_K, mode),
+                   up_bias_F=_rows(ffn.up_bias_F, core_K, mode), down_bias_D=ffn.down_bias_D)
 
 
 class CoreGather:
@@ -57,11 +62,14 @@ class CoreGather:
   the batch's `FFNParams` of k neurons. Subclasses place the gather elsewhere
   (`runtime.core_placement`: a tensor-parallel mesh)."""
 
-  def __init__(self, shared: bool = False):
+  def __init__(self, shared: bool = False, index_mode: str = "fill"):
     self.shared = shared
+    self.index_mode = index_mode
 
   def layer(self, ffn: FFNParams, core: jax.Array):
-    return gather_shared(ffn, core[0]) if self.shared else gather_per_sequence(ffn, core)
+    if self.shared:
+      return gather_shared(ffn, core[0], self.index_mode)
+    return gather_per_sequence(ffn, core, self.index_mode)
 
   def __call__(self, params: ModelParams, core: CoreSets) -> CompactFFNs:
     """Per layer, the compact FFN (None where the layer stays dense). Jit

@@ -81,11 +81,14 @@ class MeshCoreGather(CoreGather):
     return jax.shard_map(gather_own, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
                          check_vma=False)(ffn, core)
 
+  def shardings(self, shapes: CompactFFNs):
+    """The `NamedSharding`s of the gather's outputs of `shapes`."""
+    return jax.tree_util.tree_map(lambda spec: NamedSharding(self.mesh, spec),
+                                  _partition_specs(shapes))
+
   def buffers(self, shapes: CompactFFNs) -> CompactFFNs:
-    shardings = jax.tree_util.tree_map(lambda spec: NamedSharding(self.mesh, spec),
-                                       _partition_specs(shapes))
     return jax.jit(lambda: jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes),
-                   out_shardings=shardings)()
+                   out_shardings=self.shardings(shapes))()
 
 
 def rows_per_device(core: np.ndarray, num_neurons: int, devices: int) -> np.ndarray:

@@ -129,32 +129,37 @@ class Generator:
   dense prefills of each prompt, alternately; `clock` times the prefill, gather
   and decode (tests give a fake one). With a `mesh` (`runtime.mesh.make_mesh`),
   the parameters are placed on it by their logical axes (tensor parallel) and
-  the KV cache by KV heads; every compiled function runs over the mesh."""
+  the KV cache by KV heads; every compiled function runs over the mesh.
+  `offload_ffn` (sparse policies) keeps the sparsified layers' FFNs in host
+  memory (`runtime.offload`), their core rows gathered on `offload_gather`
+  ("device" or "host")."""
 
   def __init__(self, config: ModelConfig, params: ModelParams, tokenizer=None, *,
                cache_len: int = 1024, buckets: Sequence[int] = DEFAULT_BUCKETS,
                sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
                policy: CorePolicy = Dense(), preload: bool = False, time_selection: bool = False,
                selection_rounds: int = 3, clock: Callable[[], float] = time.perf_counter,
-               mesh: Optional[Mesh] = None, offload_ffn: bool = False):
+               mesh: Optional[Mesh] = None, offload_ffn: bool = False,
+               offload_gather: str = "device"):
     if policy.spec is not None and len(policy.spec.layer_k) != config.num_layers:
       raise ValueError(f"core spec for {len(policy.spec.layer_k)} layers, model has "
                        f"{config.num_layers}")
-    offload.check_offload(offload_ffn, policy.spec is not None, 1 if mesh is None else mesh.size)
+    offload.check_offload(offload_ffn, policy.spec is not None, 1 if mesh is None else mesh.size,
+                          offload_gather)
     if mesh is not None:
       meshes.check_tensor_parallel(config, mesh.size)
       params = meshes.place_params(params, config, mesh)
     self.mesh = mesh
     self.core_placement: Optional[str] = None   # a sparse policy on a mesh: "local" or "global"
-    use_layer = None
     if mesh is not None and policy.spec is not None:
       core_gather = core_placement.MeshCoreGather(mesh, policy.spec)
       self.core_placement = core_gather.placement
-    elif offload_ffn:
-      params = offload.offload_ffns(params, policy.spec)
-      core_gather, use_layer = offload.HostFFNGather(shared=policy.spec.shared), offload.to_device
     else:
       core_gather = CoreGather(shared=policy.spec is not None and policy.spec.shared)
+    use_layer = None
+    if offload_ffn:
+      params = offload.offload_ffns(params, policy.spec)
+      core_gather, use_layer = offload.HostFFNGather(core_gather, offload_gather), offload.to_device
     self.config = config
     self.params = params
     self.tokenizer = tokenizer

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 from coreinfer_jax.checkpoint import load as loading
+from coreinfer_jax.core import cost
 from coreinfer_jax.core.policy import Stability
 from coreinfer_jax.core.spec import core_spec
 from coreinfer_jax.model.cache import init_cache
 from coreinfer_jax.model.forward import forward
 from coreinfer_jax.runtime import mesh as meshes
+from coreinfer_jax.runtime import offload
 from coreinfer_jax.runtime.generator import Generator
 from tests.conftest import random_prompts
 
@@ -167,3 +169,27 @@ def test_shared_core_sets_on_the_mesh_equal_one_device(tiny_llama):
     got, _ = gen.generate_ids(prompts, 8)
     want, _ = Generator(m.config, m.params, cache_len=64, policy=policy).generate_ids(prompts, 8)
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
+
+
+@pytest.mark.parametrize("blocks,sharing", [(4, "per_sequence"), (1, "per_sequence"), (4, "shared")])
+def test_offload_on_the_mesh_equals_resident_keeps_placements_and_the_plan(tiny_llama, blocks, sharing):
+  m = loading.load_model(tiny_llama, with_tokenizer=False)
+  policy = _stability(m, beta=0.5, blocks=blocks, sharing=sharing)
+  mesh = meshes.make_mesh(4)
+  gen = Generator(m.config, m.params, cache_len=64, policy=policy, mesh=mesh, offload_ffn=True)
+  resident = Generator(m.config, m.params, cache_len=64, policy=policy, mesh=mesh)
+  for dense, placed in zip(gen.params.layers, resident.params.layers):   # each shard in its host memory
+    assert dense.ffn.up_FD.sharding == placed.ffn.up_FD.sharding.with_memory_kind(offload.HOST)
+    assert dense.attn.q_weight.sharding == placed.attn.q_weight.sharding
+  prompts = random_prompts([6, 15], seed=5)
+  got, stats = gen.generate_ids(prompts, 8)
+  want, _ = resident.generate_ids(prompts, 8)
+  assert [r.token_ids for r in got] == [r.token_ids for r in want]
+  state, placed = gen.prefill(gen.params, prompts, 8), resident.prefill(resident.params, prompts, 8)
+  for a, b in zip(jax.tree_util.tree_leaves(state.decode_params),
+                  jax.tree_util.tree_leaves(placed.decode_params)):
+    assert a.sharding == b.sharding   # device memory, split as the resident run's
+  plan = offload.planned_memory(m.config, policy.spec, np.float32, True, 2, 64, mesh)
+  assert stats.memory["device_weight_bytes_peak"] == plan["weights"]
+  full_ffns = sum(cost.param_bytes(layer.ffn) for layer in m.params.layers)
+  assert stats.memory["host_weight_bytes"] == full_ffns // 4   # a quarter of each FFN a device

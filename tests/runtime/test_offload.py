@@ -14,6 +14,7 @@ import pytest
 
 from coreinfer_jax.checkpoint import load as loading
 from coreinfer_jax.core import cost
+from coreinfer_jax.core.gather import CoreGather
 from coreinfer_jax.core.policy import Stability
 from coreinfer_jax.core.spec import core_spec
 from coreinfer_jax.runtime import offload
@@ -33,11 +34,13 @@ def _policy(m, **kw):
                              sparse_layers="1:3", **kw))
 
 
-@pytest.mark.parametrize("sharing", ["per_sequence", "shared"])
-def test_offloaded_decoding_equals_device_resident_decoding(tiny, sharing):
+@pytest.mark.parametrize("sharing,gather_on", [("per_sequence", "device"), ("shared", "device"),
+                                               ("per_sequence", "host"), ("shared", "host")])
+def test_offloaded_decoding_equals_device_resident_decoding(tiny, sharing, gather_on):
   policy = _policy(tiny, sharing=sharing)
   resident = Generator(tiny.config, tiny.params, cache_len=64, policy=policy)
-  offloaded = Generator(tiny.config, tiny.params, cache_len=64, policy=policy, offload_ffn=True)
+  offloaded = Generator(tiny.config, tiny.params, cache_len=64, policy=policy, offload_ffn=True,
+                        offload_gather=gather_on)
   prompts = random_prompts([5, 17, 11], seed=21)
   want, _ = resident.generate_ids(prompts, 10)
   got, _ = offloaded.generate_ids(prompts, 10)
@@ -47,8 +50,10 @@ def test_offloaded_decoding_equals_device_resident_decoding(tiny, sharing):
   assert offloaded.compiled.compiles["decode"] == 2 and offloaded.compiled.compiles["prefill"] == 2  # B 3, B 1
 
 
-def test_decode_reads_device_memory_only_and_full_ffns_stay_on_the_host(tiny):
-  gen = Generator(tiny.config, tiny.params, cache_len=64, policy=_policy(tiny), offload_ffn=True)
+@pytest.mark.parametrize("gather_on", offload.GATHER_SIDES)
+def test_decode_reads_device_memory_only_and_full_ffns_stay_on_the_host(tiny, gather_on):
+  gen = Generator(tiny.config, tiny.params, cache_len=64, policy=_policy(tiny), offload_ffn=True,
+                  offload_gather=gather_on)
   kinds = lambda tree: {a.sharding.memory_kind for a in jax.tree_util.tree_leaves(tree)}   # noqa: E731
   for i, layer in enumerate(gen.params.layers):
     assert kinds(layer.ffn) == ({offload.HOST} if i in (1, 2) else {"device"})
@@ -63,13 +68,20 @@ def test_decode_reads_device_memory_only_and_full_ffns_stay_on_the_host(tiny):
     assert cost.param_bytes(compact.replace(down_bias_D=None)) == dense_bytes * k // F
   tokens, cache = gen.decode(state.decode_params, state.cache, state.tokens_B)
   assert kinds(cache) == {"device"} and np.asarray(tokens).shape == (1,)
+  # the host-side gather is compiled to run on the host; the device-side one is not
+  gather = offload.HostFFNGather(CoreGather(), gather_on)
+  gather_hlo = jax.jit(gather).lower(gen.params, state.core).compile().as_text()
+  assert ('_xla_compute_type="host"' in gather_hlo) == (gather_on == "host")
 
 
-def test_offload_without_a_sparse_method_or_on_a_mesh_is_refused():
+def test_offload_without_a_sparse_method_or_a_host_gather_on_a_mesh_is_refused():
   with pytest.raises(ValueError, match="--offload_ffn needs a sparse method"):
     offload.check_offload(True, sparse=False, tp=1)
-  with pytest.raises(ValueError, match=r"--offload_ffn on a device mesh \(--tp > 1\) is not built yet"):
-    offload.check_offload(True, sparse=True, tp=2)
+  with pytest.raises(ValueError, match=r"--offload_gather=host runs on one device"):
+    offload.check_offload(True, sparse=True, tp=2, gather_on="host")
+  with pytest.raises(ValueError, match=r"--offload_gather must be one of device, host, got 'gpu'"):
+    offload.check_offload(True, sparse=True, tp=1, gather_on="gpu")
+  offload.check_offload(True, sparse=True, tp=2, gather_on="device")
 
 
 def test_generate_offloads_and_refuses_dense_offload_before_loading(tiny_llama_with_tokenizer, tmp_path):
