@@ -2,10 +2,12 @@
 # The GPU check in one command (issue #18): decode speed of dense and
 # stability-guided decoding on a Llama-3-8B-shaped model with RANDOM weights in
 # the real shapes (bfloat16), each against the same run's bandwidth probe and
-# its bytes bound, selection + gather against the prefill, and the
-# memory-limit case (sparsified FFNs in host memory, a device budget below the
-# model's size). Writes $OUT/device_check.json (one JSON of every run) and a
-# log per run.
+# its bytes bound, selection + gather against the prefill (the token-wise
+# top-m by bisection and by lax.top_k, interleaved), and the memory-limit case
+# (sparsified FFNs in host memory, a device budget below the model's size)
+# against transformers offloaded by accelerate to the same budget, with the
+# core rows gathered on the device and on the host. Writes
+# $OUT/device_check.json (one JSON of every run) and a log per run.
 #
 #   scripts/device_check.sh                       # on the GPU machine
 #   DEVICE_CHECK_CPU=1 SHAPE=smollm2-135m NUM_LAYERS=2 DTYPE=float32 BUDGET_GB=0.2 \
@@ -45,20 +47,38 @@ bench() {   # bench NAME FLAGS...: one benchmark run, its JSON and log under $OU
       --rounds="$ROUNDS" --json_out="$OUT/$name.json" "$@" 2>&1 | tee "$OUT/$name.log"
 }
 bench paper_layers --methods=dense,stability --betas=0.4,0.2 --sparse_layers=paper
-bench all_layers --methods=dense,stability --betas=0.4,0.2 --sparse_layers=all
+bench all_layers --methods=dense,stability --betas=0.4,0.2 --sparse_layers=all \
+    --top_ms=bisection,top_k
 bench offload --methods=stability --betas=0.4,0.2 --sparse_layers=all --offload_ffn \
-    --device_memory_limit_gb="$BUDGET_GB"
+    --device_memory_limit_gb="$BUDGET_GB" --compare_hf_offload
+bench offload_host_gather --methods=stability --betas=0.4 --sparse_layers=all --offload_ffn \
+    --offload_gather=host --device_memory_limit_gb="$BUDGET_GB"
 
 "$PY" - "$OUT" <<'EOF'
 import json, os, sys
 out = sys.argv[1]
 runs = {name: json.load(open(os.path.join(out, name + ".json")))
-        for name in ("paper_layers", "all_layers", "offload")}
+        for name in ("paper_layers", "all_layers", "offload", "offload_host_gather")}
 json.dump(runs, open(os.path.join(out, "device_check.json"), "w"), indent=1)
 for name, run in runs.items():
   for r in run["runs"]:
-    print(f"{name}: {r['method']} beta={r['beta']} {r['decode_tokens_per_second']:.1f} tokens/s, "
-          f"{r['fraction_of_limit']} of the limit, {r['fraction_of_bound']} of the bytes bound, "
+    print(f"{name}: {r['method']} beta={r['beta']} top-m {r['core'] and r['core']['top_m']} "
+          f"{r['decode_tokens_per_second']:.1f} tokens/s, {r['fraction_of_limit']} of the limit, "
+          f"{r['fraction_of_bound']} of the bytes bound, select {r['select_seconds']} s, "
+          f"gather {r['gather_seconds']} s, vs transformers offloaded {r['speedup_vs_hf_offload']}, "
           f"memory {r['memory']}")
+select = {}   # the faster top-m algorithm, by the median select time at each beta
+for r in runs["all_layers"]["runs"]:
+  if r["core"] and r["select_seconds"] is not None:
+    select.setdefault(r["beta"], {})[r["core"]["top_m"]] = r["select_seconds"]
+for beta, times in select.items():
+  verdict = (f"{min(times, key=times.get)} faster" if len(times) == 2
+             else "not measurable for both (below the prefill's noise)")
+  print(f"top-m at beta={beta}: {verdict} ({times})")
+gathers = {side: [r["gather_seconds"] for r in runs[name]["runs"] if r["beta"] == 0.4]
+           for side, name in (("device", "offload"), ("host", "offload_host_gather"))}
+print(f"offloaded gather at beta=0.4, seconds by side: {gathers}")
+print(f"transformers offloaded: {runs['offload']['hf_offload_decode_tokens_per_second']} tokens/s, "
+      f"modules {runs['offload']['hf_offload_modules']}")
 print(f"[wrote {os.path.join(out, 'device_check.json')}]")
 EOF

@@ -9,7 +9,7 @@ from jax.sharding import Mesh
 
 from coreinfer_jax.checkpoint.named import DEFAULT_MODEL, NAMED_MODELS
 from coreinfer_jax.core.methods import METHODS, SPEC_SETTINGS
-from coreinfer_jax.core.spec import CORE_PLACEMENTS, CORE_SHARINGS, SCORINGS
+from coreinfer_jax.core.spec import CORE_PLACEMENTS, CORE_SHARINGS, SCORINGS, TOP_M_ALGORITHMS
 from coreinfer_jax.eval import datasets
 from coreinfer_jax.model.config import ModelConfig
 from coreinfer_jax.runtime import distributed
@@ -18,7 +18,7 @@ from coreinfer_jax.runtime import offload
 from coreinfer_jax.runtime.batching import DTYPES
 
 FLAGS = flags.FLAGS
-CORE_FLAGS = ["method", "cluster_dir", "core_placement", "core_sharing"] + list(SPEC_SETTINGS)
+CORE_FLAGS = ["method", "cluster_dir", "core_placement", "core_sharing", "top_m"] + list(SPEC_SETTINGS)
 
 
 def define_model_flags() -> None:
@@ -76,6 +76,9 @@ def define_core_flags(with_method: bool = True) -> None:
     flags.DEFINE_enum("core_sharing", "per_sequence", list(CORE_SHARINGS), "per_sequence: each "
                       "prompt of a batch its own core set; shared: one set for the batch, "
                       "chosen over all its prompts' tokens (a step reads k rows whatever B)")
+    flags.DEFINE_enum("top_m", "bisection", list(TOP_M_ALGORITHMS), "how selection finds each "
+                      "token's top m neurons (signed, magnitude): bisection (fastest on CPU) or "
+                      "lax.top_k; the same core sets either way")
   flags.DEFINE_string("beta", "0.4", "kept fraction of FFN neurons in each sparsified layer: "
                       "one value, or a comma list with one value per sparsified layer")
   flags.DEFINE_float("alpha", 0.2, "token-wise core fraction (signed, magnitude scorings)")

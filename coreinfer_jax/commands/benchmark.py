@@ -6,6 +6,8 @@
       --sparse_layers=all --compare_hf
   python scripts/benchmark.py --config=bench-smollm2 --methods=dense,stability,similarity \
       --cluster_dir=clusters/tqa
+  python scripts/benchmark.py --shape=llama3-8b --dtype=bfloat16 --methods=stability \
+      --sparse_layers=all --offload_ffn --device_memory_limit_gb=12 --compare_hf_offload
 
 Measurements alternate (each method and β, then transformers) for --rounds
 rounds, so that machine noise hits every side alike, and every timed figure
@@ -29,7 +31,9 @@ Similarity-guided runs select at the clustering layer only and gather nothing
 once their cluster has been used.
 """
 
+import itertools
 import os
+import tempfile
 
 import numpy as np
 from absl import flags
@@ -52,15 +56,24 @@ flags.DEFINE_list("methods", None, "methods to measure interleaved (default: --m
 flags.DEFINE_list("betas", None, "uniform β values to measure for each sparse method (default: --beta)")
 flags.DEFINE_list("core_sharings", None, "core sharings to measure for each sparse method and β "
                   "(default: --core_sharing)")
+flags.DEFINE_list("top_ms", None, "top-m algorithms to measure for each sparse run (default: "
+                  "--top_m): the same core sets, the selection's time compared")
 flags.DEFINE_float("device_memory_limit_gb", None, "refuse, before loading, a run whose weights "
                    "at peak plus KV cache exceed this much device memory")
 flags.DEFINE_integer("batch_size", 1, "prompts decoded together (random ids, --prompt_len each)")
 cli_flags.define_random_input_flags()
 flags.DEFINE_integer("decode_steps", 64, "decode steps timed per round")
 flags.DEFINE_integer("rounds", 3, "interleaved measurement rounds (min/median/max reported)")
-flags.DEFINE_boolean("compare_hf", False, "also time transformers (torch, same dtype and threads)")
+flags.DEFINE_boolean("compare_hf", False, "also time transformers (torch, same dtype and threads; "
+                     "on the CUDA device when torch has one)")
+flags.DEFINE_boolean("compare_hf_offload", False, "also time transformers with accelerate's "
+                     "offloading (device_map from max_memory = --device_memory_limit_gb; the rest "
+                     "in host memory, or on disk where the device is the CPU)")
 flags.DEFINE_string("json_out", None, "write results as JSON here")
 FLAGS = flags.FLAGS
+# The references, by JSON name: transformers resident on the device, and
+# offloaded by accelerate to the device budget.
+REFERENCES = {"hf": "transformers", "hf_offload": "transformers offloaded"}
 
 
 def _variants(s, config, fingerprint):
@@ -69,14 +82,17 @@ def _variants(s, config, fingerprint):
   names = FLAGS.methods or [s["method"]]
   betas = FLAGS.betas or [s["beta"]]
   sharings = FLAGS.core_sharings or [s["core_sharing"]]
+  top_ms = FLAGS.top_ms or [s["top_m"]]
   variants = []
   for method in names:
-    for beta in (betas if method != "dense" else [None]):
-      for sharing in (sharings if method != "dense" else [s["core_sharing"]]):
-        cluster_dir = s["cluster_dir"] if method == "similarity" else None
-        policy = methods.policy_for(method, dict(s, core_sharing=sharing), config,
-                                    cluster_dir=cluster_dir, fingerprint=fingerprint, beta=beta)
-        variants.append((method, beta, policy.spec, policy))
+    sparse = method != "dense"
+    for beta, sharing, top_m in itertools.product(betas if sparse else [None],
+                                                  sharings if sparse else [s["core_sharing"]],
+                                                  top_ms if sparse else [s["top_m"]]):
+      cluster_dir = s["cluster_dir"] if method == "similarity" else None
+      policy = methods.policy_for(method, dict(s, core_sharing=sharing, top_m=top_m), config,
+                                  cluster_dir=cluster_dir, fingerprint=fingerprint, beta=beta)
+      variants.append((method, beta, policy.spec, policy))
   return variants
 
 
@@ -86,6 +102,9 @@ def main(argv):
                     "batch_size", "tp"] + cli_flags.CORE_FLAGS)
   if min(s["decode_steps"], s["rounds"], s["prompt_len"], s["batch_size"]) < 1:
     raise ValueError("--decode_steps, --rounds, --prompt_len and --batch_size must be at least 1")
+  if FLAGS.compare_hf_offload and FLAGS.device_memory_limit_gb is None:
+    raise ValueError("--compare_hf_offload needs --device_memory_limit_gb: the device budget "
+                     "transformers is offloaded to")
   config = models.model_config(FLAGS.model, s["shape"], FLAGS.configs_dir, FLAGS.num_layers)
   mesh = cli_flags.mesh_from_flags(config)
   variants = _variants(s, config, models.model_fingerprint(FLAGS.model, s["shape"]))
@@ -120,29 +139,28 @@ def main(argv):
                                               (s["batch_size"], s["prompt_len"])).tolist()
   prompt = prompts[0]   # transformers' (batch 1)
   dense_step_bytes = decode_weight_bytes_per_device(gens[0].params)
-  hf = None
-  if FLAGS.compare_hf:
-    import torch
-    torch.set_num_threads(os.cpu_count())
-    hf_config = models.shape_hf_config(FLAGS.configs_dir, s["shape"], FLAGS.num_layers) if s["shape"] else {}
-    hf = reference.hf_model(m.path, hf_config, dtype_name)
+  # accelerate's disk tier, where the device is the CPU (removed at exit)
+  offload_dir = tempfile.TemporaryDirectory(prefix="coreinfer_hf_offload_")
+  hf_models, hf_tiers = _references(m.path, s, dtype_name, offload_dir.name)
 
   variant_rounds = [[] for _ in variants]   # per variant, (prefill stats, decode tokens/s) per round
-  hf_seconds = []   # per round, transformers' (1 + N tokens, 1 token) seconds
+  hf_seconds = {name: [] for name in hf_models}   # per round, (1 + N tokens, 1 token) seconds
   for r in range(s["rounds"]):
     line = []
     for (method, beta, core, _), gen, out in zip(variants, gens, variant_rounds):
       out.append(timing.time_prefill_and_decode(gen, prompts, s["decode_steps"]))
       line.append(f"{_label(method, beta, core)} {out[-1][1]:.2f}")
-    if hf is not None:
-      hf_seconds.append(reference.hf_generate_seconds(hf, prompt, s["decode_steps"]))
-      decode_seconds = hf_seconds[-1][0] - hf_seconds[-1][1]
-      line.append(f"transformers {s['decode_steps'] / decode_seconds:.2f}" if decode_seconds > 0
-                  else "transformers below its first token's noise")
+    for name, hf in hf_models.items():
+      hf_seconds[name].append(reference.hf_generate_seconds(hf, prompt, s["decode_steps"],
+                                                            reference.torch_device()))
+      decode_seconds = hf_seconds[name][-1][0] - hf_seconds[name][-1][1]
+      line.append(f"{REFERENCES[name]} {s['decode_steps'] / decode_seconds:.2f}" if decode_seconds > 0
+                  else f"{REFERENCES[name]} below its first token's noise")
     print(f"round {r} tokens/s: " + ", ".join(line))
 
-  hf_tps = None if hf is None else rounds.per_second(s["decode_steps"], rounds.difference(
-      [n for n, _ in hf_seconds], [one for _, one in hf_seconds], "first token"))
+  hf_tps = {name: rounds.per_second(s["decode_steps"], rounds.difference(
+      [n for n, _ in seconds], [one for _, one in seconds], "first token"))
+      for name, seconds in hf_seconds.items()}
   decode_rates = [rounds.measured([rate for _, rate in out]) for out in variant_rounds]
   dense_tps = next((rate for (_, _, core, _), rate in zip(variants, decode_rates) if core is None),
                    None)
@@ -165,13 +183,42 @@ def main(argv):
       "load_seconds": load_seconds,
       "limits_gb_per_s": {name: rounds.fields("gb_per_s", f) for name, f in limits.items()},
       "limit": limit_name,
-      **rounds.all_fields({"hf_decode_tokens_per_second": hf_tps}),
+      **rounds.all_fields({f"{name}_decode_tokens_per_second": hf_tps.get(name)
+                           for name in REFERENCES}),
+      "hf_device": None if not hf_tps else reference.torch_device(),
+      "hf_offload_modules": hf_tiers,
       "runs": runs,
   })
 
 
+def _references(model_path, s, dtype_name, offload_dir):
+  """({name: transformers' model} the flags ask for, the offloaded model's
+  modules per memory tier, or None)."""
+  wanted = [name for name, flag in (("hf", "compare_hf"), ("hf_offload", "compare_hf_offload"))
+            if FLAGS[flag].value]
+  if not wanted:
+    return {}, None
+  import torch
+  torch.set_num_threads(os.cpu_count())
+  hf_config = (models.shape_hf_config(FLAGS.configs_dir, s["shape"], FLAGS.num_layers)
+               if s["shape"] else {})
+  hf_models, tiers = {}, None
+  if "hf" in wanted:
+    hf_models["hf"] = reference.hf_model(model_path, hf_config, dtype_name, reference.torch_device())
+  if "hf_offload" in wanted:
+    hf_models["hf_offload"], tiers = reference.hf_offloaded(
+        reference.hf_model(model_path, hf_config, dtype_name),
+        int(FLAGS.device_memory_limit_gb * 1e9), offload_dir)
+    print(f"[transformers offloaded to {FLAGS.device_memory_limit_gb:g} GB of "
+          f"{reference.torch_device()}: {reference.tiers_line(tiers)}]")
+  return hf_models, tiers
+
+
 def _label(method, beta, core):
-  return method + ("" if core is None else f" β={beta}" + (" shared" if core.shared else ""))
+  if core is None:
+    return method
+  return (f"{method} β={beta}" + (" shared" if core.shared else "")
+          + (f" {core.top_m}" if FLAGS.top_ms else ""))
 
 
 def _run(variant, gen, stats, tps, dense_step_bytes, limit, dense_tps, hf_tps, batch_size):
@@ -220,7 +267,8 @@ def _run(variant, gen, stats, tps, dense_step_bytes, limit, dense_tps, hf_tps, b
       "select_seconds": prefill.select if sparse else None,
       "select_gather_seconds": prefill.select_gather if sparse else None,
       "select_gather_fraction_of_prefill": prefill.select_gather_fraction if sparse else None,
-      "speedup_vs_hf": None if hf_tps is None else rounds.ratio(tps, hf_tps),
+      **{f"speedup_vs_{name}": None if name not in hf_tps else rounds.ratio(tps, hf_tps[name])
+         for name in REFERENCES},
       "speedup_vs_dense": speedup,
       "fraction_of_bound": None if speedup is None else rounds.scaled(speedup, 1 / bound),
   }
@@ -229,8 +277,10 @@ def _run(variant, gen, stats, tps, dense_step_bytes, limit, dense_tps, hf_tps, b
 
 def _report(plain, figures, prefill, prompt_len, round_count, hf_tps):
   """A run's figures, min/median/max over the rounds, one line per kind."""
+  core = plain["core"]
   name = plain["method"] + ("" if plain["beta"] is None else f" β={plain['beta']} ({plain['scoring']}"
-                           f"{', shared' if plain['core']['sharing'] == 'shared' else ''})")
+                           f"{', shared' if core['sharing'] == 'shared' else ''}"
+                           f"{', top-m by ' + core['top_m'] if FLAGS.top_ms else ''})")
   lines = [
       f"{rounds.describe('decode', figures['decode_tokens_per_second'], 2, ' tokens/s')}"
       f"{_batch(figures['batch_tokens_per_second'])}, "
@@ -245,11 +295,12 @@ def _report(plain, figures, prefill, prompt_len, round_count, hf_tps):
     if figures["speedup_vs_dense"] is not None:
       lines.append(_speedup_line(figures["speedup_vs_dense"], figures["fraction_of_bound"],
                                  plain["bound_speedup"]))
-  if hf_tps is not None and hf_tps.reason:
-    lines.append(rounds.describe("transformers", hf_tps, 2, " tokens/s"))
-  elif hf_tps is not None:
-    lines.append(f"{rounds.describe('speedup vs transformers', figures['speedup_vs_hf'], 2, 'x')} "
-                 f"({_spread(hf_tps, 2, ' tokens/s')})")
+  for ref, tps in hf_tps.items():
+    if tps.reason:
+      lines.append(rounds.describe(REFERENCES[ref], tps, 2, " tokens/s"))
+    else:
+      lines.append(f"{rounds.describe('speedup vs ' + REFERENCES[ref], figures['speedup_vs_' + ref], 2, 'x')} "
+                   f"({_spread(tps, 2, ' tokens/s')})")
   over = "one round" if round_count == 1 else f"min/median/max over {round_count} rounds"
   print(f"{name} ({over}):\n  " + "\n  ".join(lines))
 
@@ -272,4 +323,6 @@ def _speedup_line(speedup, fraction_of_bound, bound):
 
 def entry():
   app.run(main, output_files=["json_out"],
-          requires=[optional.Requirement("compare_hf", "torch", optional.TORCH)])
+          requires=[optional.Requirement("compare_hf", "torch", optional.TORCH),
+                    optional.Requirement("compare_hf_offload", "torch", optional.TORCH),
+                    optional.Requirement("compare_hf_offload", "accelerate", "accelerate")])

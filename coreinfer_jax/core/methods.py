@@ -40,7 +40,8 @@ def spec_for(settings: Mapping[str, Any], config: ModelConfig,
                    alpha=settings["alpha"], scoring=settings["scoring"],
                    sparse_layers=settings["sparse_layers"], beta_file=settings["beta_file"],
                    blocks=settings.get("tp", 1) if placement == "local" else 1,
-                   sharing=settings.get("core_sharing", "per_sequence"))
+                   sharing=settings.get("core_sharing", "per_sequence"),
+                   top_m=settings.get("top_m", "bisection"))
 
 
 def load_clusters(cluster_dir: str, config: ModelConfig, fingerprint: Optional[str],
@@ -73,4 +74,4 @@ def policy_for(method: str, settings: Mapping[str, Any], config: ModelConfig, *,
   if spec.blocks > 1:
     raise ValueError("similarity's cluster sets are chosen over all neurons: on a mesh use "
                      "--core_placement=global")
-  return Similarity(load_clusters(cluster_dir, config, fingerprint, spec))
+  return Similarity(load_clusters(cluster_dir, config, fingerprint, spec), top_m=spec.top_m)

@@ -16,6 +16,7 @@ else of it, so a new method is a new subclass:
 from __future__ import annotations
 
 import abc
+import dataclasses
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
@@ -85,7 +86,7 @@ class Stability(CorePolicy):
   def requests(self, num_layers: int) -> Requests:
     spec = self.spec
     return tuple(None if k is None else RankRequest(spec.scoring, spec.alpha, k, spec.blocks,
-                                                    spec.shared)
+                                                    spec.shared, spec.top_m)
                  for k in spec.layer_k)
 
   def core_sets(self, rankings: Rankings, arrays: Any, batch: int):
@@ -96,13 +97,13 @@ class Stability(CorePolicy):
 class Similarity(CorePolicy):
   """The nearest cluster's stored sets; the prefill ranks only the clustering layer."""
 
-  def __init__(self, art: ClusterArtefacts, name: str = "similarity"):
-    super().__init__(name, "similarity", "similarity", art.spec)
+  def __init__(self, art: ClusterArtefacts, name: str = "similarity", top_m: str = "bisection"):
+    super().__init__(name, "similarity", "similarity", dataclasses.replace(art.spec, top_m=top_m))
     self.art = art
 
   def requests(self, num_layers: int) -> Requests:
     spec = self.spec
-    return tuple(RankRequest(spec.scoring, spec.alpha, self.art.cluster_k)
+    return tuple(RankRequest(spec.scoring, spec.alpha, self.art.cluster_k, top_m=spec.top_m)
                  if i == self.art.cluster_layer else None for i in range(num_layers))
 
   def arrays(self) -> Any:

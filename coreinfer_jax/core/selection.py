@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from coreinfer_jax.core.spec import TOP_M_ALGORITHMS
 from coreinfer_jax.model.ffn import NeuronValues
 
 
@@ -116,16 +117,8 @@ def _token_blocks(x_BT: jax.Array) -> jax.Array:
   return jnp.moveaxis(jnp.moveaxis(x, 2, -1), 1, 0)
 
 
-def token_core_counts(scores_BTF: jax.Array, real_BT: jax.Array, alpha: float) -> jax.Array:
-  """int32 [B, F]: in how many real tokens each neuron is a token-wise core neuron."""
-  real = real_BT.astype(bool)
-  positive_B = jnp.sum(jnp.where(real[..., None], scores_BTF > 0, False), axis=(1, 2),
-                       dtype=jnp.int32)
-  real_tokens_B = jnp.maximum(jnp.sum(real, axis=-1, dtype=jnp.int32), 1)
-  m_B = jnp.floor(jnp.float32(alpha) * positive_B.astype(jnp.float32)
-                  / real_tokens_B.astype(jnp.float32)).astype(jnp.int32)
-  m_BT = jnp.where(real, m_B[:, None], 0)   # pad tokens choose nothing
-
+def _counts_by_bisection(scores_BTF: jax.Array, m_BT: jax.Array) -> jax.Array:
+  """`token_core_counts` by `_top_m_block`, token block after token block."""
   def add_block(counts_BF, block):
     scores_BFC, m_BC = block
     return counts_BF + jnp.sum(_top_m_block(scores_BFC, m_BC), axis=-1, dtype=jnp.int32), None
@@ -133,6 +126,36 @@ def token_core_counts(scores_BTF: jax.Array, real_BT: jax.Array, alpha: float) -
   blocks = (_token_blocks(scores_BTF), _token_blocks(m_BT))   # pad columns have m = 0
   counts_BF = jnp.zeros((scores_BTF.shape[0], scores_BTF.shape[2]), jnp.int32)
   return lax.scan(add_block, counts_BF, blocks)[0]
+
+
+def _counts_by_top_k(scores_BTF: jax.Array, m_BT: jax.Array, m_max: int) -> jax.Array:
+  """`token_core_counts` by `lax.top_k` of the static `m_max` >= every m
+  (ties: lower index first, as `lax.top_k` orders them), the first m of each
+  token's kept, scattered into counts."""
+  B, T, F = scores_BTF.shape
+  signed = lax.bitcast_convert_type(_sortable_keys(scores_BTF) ^ jnp.uint32(0x80000000), jnp.int32)
+  _, top_BTM = lax.top_k(signed, m_max)
+  kept_BTM = lax.broadcasted_iota(jnp.int32, top_BTM.shape, 2) < m_BT[..., None]
+  batch_BTM = lax.broadcasted_iota(jnp.int32, top_BTM.shape, 0)
+  return jnp.zeros((B, F), jnp.int32).at[batch_BTM, top_BTM].add(kept_BTM.astype(jnp.int32))
+
+
+def token_core_counts(scores_BTF: jax.Array, real_BT: jax.Array, alpha: float,
+                      top_m: str = "bisection") -> jax.Array:
+  """int32 [B, F]: in how many real tokens each neuron is a token-wise core
+  neuron, its top m found by `top_m` (`spec.TOP_M_ALGORITHMS`)."""
+  real = real_BT.astype(bool)
+  positive_B = jnp.sum(jnp.where(real[..., None], scores_BTF > 0, False), axis=(1, 2),
+                       dtype=jnp.int32)
+  real_tokens_B = jnp.maximum(jnp.sum(real, axis=-1, dtype=jnp.int32), 1)
+  m_B = jnp.floor(jnp.float32(alpha) * positive_B.astype(jnp.float32)
+                  / real_tokens_B.astype(jnp.float32)).astype(jnp.int32)
+  m_BT = jnp.where(real, m_B[:, None], 0)   # pad tokens choose nothing
+  if top_m == "bisection":
+    return _counts_by_bisection(scores_BTF, m_BT)
+  if top_m == "top_k":   # m <= α·F; one more covers float32 rounding
+    return _counts_by_top_k(scores_BTF, m_BT, min(scores_BTF.shape[-1], int(alpha * scores_BTF.shape[-1]) + 1))
+  raise ValueError(f"unknown top-m algorithm {top_m!r}; choose one of {', '.join(TOP_M_ALGORITHMS)}")
 
 
 def token_scores(values: NeuronValues, scoring: str) -> jax.Array:
@@ -146,7 +169,7 @@ def token_scores(values: NeuronValues, scoring: str) -> jax.Array:
 
 
 def core_statistics(values: NeuronValues, real_BT: jax.Array, *, scoring: str,
-                    alpha: float) -> Tuple[jax.Array, jax.Array]:
+                    alpha: float, top_m: str = "bisection") -> Tuple[jax.Array, jax.Array]:
   """Per-neuron ranking keys (primary [B, F], secondary [B, F]): the core
   neurons are the k first by (primary, secondary) descending, then by index.
   Signed and magnitude: (token-wise core count, score summed over real tokens);
@@ -162,10 +185,11 @@ def core_statistics(values: NeuronValues, real_BT: jax.Array, *, scoring: str,
     return squares_BF, jnp.zeros_like(squares_BF)
   scores = token_scores(values, scoring)
   summed_BF = jnp.sum(jnp.where(real, scores.astype(jnp.float32), 0.0), axis=1)
-  return token_core_counts(scores, real_BT, alpha), summed_BF
+  return token_core_counts(scores, real_BT, alpha, top_m), summed_BF
 
 
 def select_core(values: NeuronValues, real_BT: jax.Array, *, k: int, scoring: str,
-                alpha: float) -> jax.Array:
+                alpha: float, top_m: str = "bisection") -> jax.Array:
   """One layer's core neurons `int32 [B, k]` from its neuron values."""
-  return rank_neurons(k, *core_statistics(values, real_BT, scoring=scoring, alpha=alpha))
+  return rank_neurons(k, *core_statistics(values, real_BT, scoring=scoring, alpha=alpha,
+                                          top_m=top_m))

@@ -16,6 +16,10 @@ from coreinfer_jax import files
 SCORINGS = ("signed", "magnitude", "griffin")
 CORE_PLACEMENTS = ("local", "global")
 CORE_SHARINGS = ("per_sequence", "shared")
+# How selection finds each token's top m (the same sets either way, tested):
+# "bisection" counts above a bisected threshold, far faster on XLA:CPU;
+# "top_k" is `lax.top_k` of at most ⌊α·F⌋ + 1, for backends with a fast one.
+TOP_M_ALGORITHMS = ("bisection", "top_k")
 
 # The official code sparsifies layers 5..26 (end 27 exclusive) of a 32-layer
 # model; as a fraction of depth this carries over to any depth.
@@ -30,13 +34,16 @@ class CoreSpec:
   consecutive neuron blocks (the `local` placement on a tensor-parallel mesh
   of that many devices, each owning a block); 1: the k first over all
   neurons. `shared`: one set for the whole batch, ranked over every
-  sequence's real tokens, instead of one per sequence."""
+  sequence's real tokens, instead of one per sequence. `top_m`: how the
+  token-wise top-m is found (`selection.TOP_M_ALGORITHMS`; the same sets,
+  at another speed)."""
   scoring: str
   alpha: float                         # token-wise fraction (signed, magnitude)
   layer_k: Tuple[Optional[int], ...]   # one entry per model layer
   layer_beta: Tuple[Optional[float], ...]
   blocks: int = 1
   shared: bool = False
+  top_m: str = "bisection"
 
   @property
   def sparse_layers(self) -> Tuple[int, ...]:
@@ -50,7 +57,7 @@ class CoreSpec:
     uniform = len(set(betas)) == 1
     return {"k": ks[0] if uniform else ks, "layers": list(layers), "scoring": self.scoring,
             "alpha": self.alpha, "beta": betas[0] if uniform else betas,
-            "blocks": self.blocks, "sharing": CORE_SHARINGS[self.shared]}
+            "blocks": self.blocks, "sharing": CORE_SHARINGS[self.shared], "top_m": self.top_m}
 
 
 def num_core_neurons(beta: float, num_neurons: int, blocks: int = 1) -> int:
@@ -118,14 +125,17 @@ def _layer_beta(path: str, layer: int, value) -> Optional[float]:
 def core_spec(num_layers: int, num_neurons: int, *, beta: Union[float, Sequence[float]] = 0.4,
               alpha: float = 0.2, scoring: str = "signed", sparse_layers: str = "paper",
               beta_file: Optional[str] = None, blocks: int = 1,
-              sharing: str = "per_sequence") -> CoreSpec:
+              sharing: str = "per_sequence", top_m: str = "bisection") -> CoreSpec:
   """Validated settings. `beta` is one β for every sparsified layer or a list
   with one β per sparsified layer; `beta_file` (one β per model layer) replaces
-  both `beta` and `sparse_layers`; `blocks` and `sharing` as `CoreSpec` says."""
+  both `beta` and `sparse_layers`; `blocks`, `sharing` and `top_m` as
+  `CoreSpec` says."""
   if scoring not in SCORINGS:
     raise ValueError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")
   if sharing not in CORE_SHARINGS:
     raise ValueError(f"unknown core sharing {sharing!r}; choose one of {', '.join(CORE_SHARINGS)}")
+  if top_m not in TOP_M_ALGORITHMS:
+    raise ValueError(f"unknown top-m algorithm {top_m!r}; choose one of {', '.join(TOP_M_ALGORITHMS)}")
   if blocks < 1 or num_neurons % blocks:
     raise ValueError(f"{blocks} neuron blocks do not divide the model's {num_neurons} FFN neurons")
   alpha = _check_fraction("alpha (token-wise fraction)", alpha)
@@ -143,7 +153,7 @@ def core_spec(num_layers: int, num_neurons: int, *, beta: Union[float, Sequence[
     raise ValueError("no layer is sparsified")
   layer_k = tuple(None if b is None else num_core_neurons(b, num_neurons, blocks)
                   for b in layer_beta)
-  return CoreSpec(scoring, alpha, layer_k, layer_beta, blocks, sharing == "shared")
+  return CoreSpec(scoring, alpha, layer_k, layer_beta, blocks, sharing == "shared", top_m)
 
 
 def parse_beta(text: str) -> Union[float, Tuple[float, ...]]:

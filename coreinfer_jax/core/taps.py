@@ -26,22 +26,23 @@ from coreinfer_jax.model.ffn import NeuronValues
 class RankRequest:
   """One layer's core set asked of the prefill: the k first by `scoring`,
   k/blocks from each neuron block, one set per sequence or (`shared`) one
-  for the batch (`core.spec.CoreSpec`)."""
+  for the batch, the token-wise top-m found by `top_m` (`core.spec.CoreSpec`)."""
   scoring: str
   alpha: float
   k: int
   blocks: int = 1
   shared: bool = False
+  top_m: str = "bisection"
 
   @property
-  def rule(self) -> Tuple[str, float, int, bool]:
-    return self.scoring, self.alpha, self.blocks, self.shared
+  def rule(self) -> Tuple[str, float, int, bool, str]:
+    return self.scoring, self.alpha, self.blocks, self.shared, self.top_m
 
 
 # Per model layer, the requests at that layer (empty: nothing ranked there).
 LayerRequests = Tuple[Tuple[RankRequest, ...], ...]
 # Per model layer, {rule: int32 [B, blocks, k_max / blocks]} (B = 1 when shared).
-Rankings = Tuple[Dict[Tuple[str, float, int, bool], jax.Array], ...]
+Rankings = Tuple[Dict[Tuple[str, float, int, bool, str], jax.Array], ...]
 
 
 def merge_requests(num_layers: int, *per_policy: Sequence[Optional[RankRequest]]) -> LayerRequests:
@@ -54,14 +55,14 @@ def ranking_tap(requests: LayerRequests):
   """A tap returning, per layer, each asked rule's ranking `[B, k_max]`."""
   wanted = []
   for layer_requests in requests:
-    k_max: Dict[Tuple[str, float, int, bool], int] = {}
+    k_max: Dict[Tuple[str, float, int, bool, str], int] = {}
     for r in layer_requests:
       k_max[r.rule] = max(k_max.get(r.rule, 0), r.k)
     wanted.append(k_max)
 
   def rank(values: NeuronValues, real_BT: jax.Array, rule, k: int) -> jax.Array:
-    scoring, alpha, blocks, shared = rule
-    keys = selection.core_statistics(values, real_BT, scoring=scoring, alpha=alpha)
+    scoring, alpha, blocks, shared, top_m = rule
+    keys = selection.core_statistics(values, real_BT, scoring=scoring, alpha=alpha, top_m=top_m)
     if shared:   # the keys are sums over tokens: summed over the batch, they rank all its tokens
       keys = tuple(jnp.sum(key, axis=0, keepdims=True) for key in keys)
     return selection.rank_in_blocks(k // blocks, blocks, *keys)

@@ -142,6 +142,6 @@ def check_fits(limit_gb: Optional[float], planned: Dict[str, int], offload_ffn: 
   need = planned["weights"] + planned["cache"]
   if need > limit_gb * 1e9:
     hint = "" if offload_ffn else "; --offload_ffn keeps the sparsified layers' FFNs in host memory"
-    raise ValueError(f"--device_memory_limit_gb={limit_gb:g}: the run needs {need / 1e9:.3f} GB "
-                     f"of device memory ({planned['weights'] / 1e9:.3f} GB of weights at peak, "
-                     f"{planned['cache'] / 1e9:.3f} GB of KV cache){hint}")
+    raise ValueError(f"--device_memory_limit_gb={limit_gb:g}: the run needs {need / 1e9:.3g} GB "
+                     f"of device memory ({planned['weights'] / 1e9:.3g} GB of weights at peak, "
+                     f"{planned['cache'] / 1e9:.3g} GB of KV cache){hint}")

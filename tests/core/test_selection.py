@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coreinfer_jax.core import selection
-from coreinfer_jax.core.spec import SCORINGS
+from coreinfer_jax.core.spec import SCORINGS, TOP_M_ALGORITHMS
 from coreinfer_jax.model.ffn import NeuronValues
 
 
@@ -28,16 +28,18 @@ def reference_signed(h_TF: np.ndarray, k: int, alpha: float) -> np.ndarray:
   return np.concatenate([core, fill])[:k]
 
 
-def _select(values_BTF, real_BT, k, scoring="signed", alpha=0.2, relu=False):
+def _select(values_BTF, real_BT, k, scoring="signed", alpha=0.2, relu=False, top_m="bisection"):
   """`relu`: the values are a ReLU FFN's fc1 output (h = relu(values)), else SwiGLU's h."""
   values = jnp.asarray(values_BTF)
   neuron_values = NeuronValues(values, jax.nn.relu(values) if relu else values)
-  fn = jax.jit(selection.select_core, static_argnames=("k", "scoring", "alpha"))
-  return np.asarray(fn(neuron_values, jnp.asarray(real_BT), k=k, scoring=scoring, alpha=alpha))
+  fn = jax.jit(selection.select_core, static_argnames=("k", "scoring", "alpha", "top_m"))
+  return np.asarray(fn(neuron_values, jnp.asarray(real_BT), k=k, scoring=scoring, alpha=alpha,
+                       top_m=top_m))
 
 
+@pytest.mark.parametrize("top_m", TOP_M_ALGORITHMS)
 @pytest.mark.parametrize("case", ["continuous", "integer_ties", "fill", "padded"])
-def test_signed_selection_matches_numpy_reference(case):
+def test_signed_selection_matches_numpy_reference(case, top_m):
   rng = np.random.default_rng({"continuous": 0, "integer_ties": 1, "fill": 2, "padded": 3}[case])
   B, T, F, k, alpha = 3, 13, 96, 40, 0.3
   if case == "integer_ties":   # many equal values within tokens, equal counts and equal sums
@@ -51,7 +53,7 @@ def test_signed_selection_matches_numpy_reference(case):
     for b, pad in enumerate([0, 4, 9]):
       real[b, :pad] = False
       values[b, :pad] = 100.0
-  got = _select(values, real, k, alpha=alpha)
+  got = _select(values, real, k, alpha=alpha, top_m=top_m)
   for b in range(B):
     expected = reference_signed(values[b][real[b]], k, alpha)
     np.testing.assert_array_equal(got[b], expected)
@@ -115,3 +117,21 @@ def test_top_m_mask_handles_ties_and_m_zero():
   scores = jnp.asarray([[[1.0, 3.0, 3.0, 3.0, 0.0], [5.0, 4.0, 3.0, 2.0, 1.0]]])
   mask = selection.top_m_mask(scores, jnp.asarray([[2, 0]]))
   np.testing.assert_array_equal(np.asarray(mask)[0], [[0, 1, 1, 0, 0], [0, 0, 0, 0, 0]])
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), T=st.integers(1, 20), F=st.integers(2, 70),
+       alpha=st.floats(0.01, 1.0), ties=st.booleans())
+def test_both_top_m_algorithms_count_the_same_token_wise_core_neurons(seed, T, F, alpha, ties):
+  rng = np.random.default_rng(seed)
+  values = rng.normal(size=(2, T, F)).astype(np.float32)
+  if ties:   # equal values within tokens, and both zeros (-0.0 ranks below 0.0)
+    values = np.round(values).astype(np.float32) * rng.choice([1.0, -1.0], size=values.shape)
+  real = np.ones((2, T), bool)
+  real[1, :rng.integers(0, T)] = False
+  counts = {top_m: np.asarray(selection.token_core_counts(jnp.asarray(values), jnp.asarray(real),
+                                                          alpha, top_m))
+            for top_m in TOP_M_ALGORITHMS}
+  np.testing.assert_array_equal(counts["top_k"], counts["bisection"])
+  with pytest.raises(ValueError, match="unknown top-m algorithm 'sort'; choose one of bisection, top_k"):
+    selection.token_core_counts(jnp.asarray(values), jnp.asarray(real), alpha, "sort")

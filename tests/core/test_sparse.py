@@ -90,10 +90,11 @@ def test_compact_ffn_equals_dense_ffn_with_other_neurons_zeroed(family, tiny, ti
                                 got[0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
-def test_prefill_core_is_the_reference_rule_on_this_prompts_activations(family, tiny, tiny_opt):
+@pytest.mark.parametrize("family,top_m", [("llama", "bisection"), ("opt", "bisection"),
+                                          ("llama", "top_k")])
+def test_prefill_core_is_the_reference_rule_on_this_prompts_activations(family, top_m, tiny, tiny_opt):
   m = tiny if family == "llama" else tiny_opt
-  spec = _spec(m, beta=0.3, alpha=0.25, sparse_layers="1:3")
+  spec = _spec(m, beta=0.3, alpha=0.25, sparse_layers="1:3", top_m=top_m)
   prompts = random_prompts([5, 14], seed=9)
   state = Generator(m.config, m.params, cache_len=64, policy=Stability(spec)).prefill(m.params, prompts, 4)
   assert state.core[0] is None and state.core[1].shape == (2, spec.layer_k[1])
@@ -187,7 +188,7 @@ def test_generate_script_reports_the_core(tiny_llama_with_tokenizer, tmp_path):
   assert proc.returncode == 0, proc.stderr
   payload = json.loads(out.read_text())
   assert payload["core"] == {"k": 24, "layers": [0, 1, 2], "scoring": "magnitude", "alpha": 0.2,
-                             "blocks": 1, "sharing": "per_sequence",
+                             "blocks": 1, "sharing": "per_sequence", "top_m": "bisection",
                              "beta": 0.25}
   assert payload["ffn_bytes_fraction"] == pytest.approx(0.25)
   # Selection's cost over three rounds, or (a tiny model's selection is below

@@ -19,7 +19,7 @@ from coreinfer_jax.core.policy import Stability
 from coreinfer_jax.core.spec import core_spec
 from coreinfer_jax.runtime import offload
 from coreinfer_jax.runtime.generator import Generator
-from tests.conftest import REPO, make_tiny_hf_model, random_prompts, run_generate
+from tests.conftest import REPO, make_tiny_hf_model, random_prompts, run_generate, run_script
 
 
 @pytest.fixture(scope="module", params=["llama_tied", "opt_pre_ln"])
@@ -137,3 +137,27 @@ def test_a_device_memory_limit_too_small_is_refused_before_loading(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().startswith("error: --device_memory_limit_gb=8: the run needs 16.")
   assert "GB of weights at peak" in proc.stderr and "KV cache" in proc.stderr
+
+
+def test_benchmark_times_transformers_offloaded_to_the_same_budget(tiny_llama_with_tokenizer, tmp_path):
+  # The tiny model's weights take 403 kB, offloaded 391 kB at peak with its cache: a 400 kB
+  # budget fits ours and leaves some of transformers' modules off the device (here: on disk).
+  out = tmp_path / "bench.json"
+  args = [f"--model={tiny_llama_with_tokenizer}", "--methods=stability", "--betas=0.5", "--sparse_layers=all",
+          "--prompt_len=8", "--cache_len=32", "--decode_steps=2", "--rounds=1", "--offload_ffn"]
+  proc = run_script("benchmark.py", *args, "--device_memory_limit_gb=0.0004", "--compare_hf_offload",
+                    "--top_ms=bisection,top_k", f"--json_out={out}")
+  assert proc.returncode == 0, proc.stderr
+  payload = json.loads(out.read_text())
+  tiers = payload["hf_offload_modules"]
+  assert set(tiers) == {"cpu", "disk"} and all(n > 0 for n in tiers.values())
+  assert payload["hf_device"] == "cpu" and payload["hf_decode_tokens_per_second"] is None
+  assert [r["core"]["top_m"] for r in payload["runs"]] == ["bisection", "top_k"]
+  for run in payload["runs"]:
+    measured = payload["hf_offload_decode_tokens_per_second"]
+    assert (run["speedup_vs_hf_offload"] is None) == (measured is None)
+    assert run["memory"]["device_weight_bytes_peak"] <= 0.0004e9
+  refused = run_script("benchmark.py", *args, "--compare_hf_offload")
+  assert refused.returncode == 2
+  assert refused.stderr.strip() == ("error: --compare_hf_offload needs --device_memory_limit_gb: "
+                                    "the device budget transformers is offloaded to")

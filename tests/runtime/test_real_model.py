@@ -73,7 +73,7 @@ def test_generate_script_end_to_end(tmp_path, method_args):
     assert 0 < len(record["token_ids"]) <= 8 and record["text"]
   if method_args:   # SmolLM2: 30 layers, the paper range is 5..24, F = 1536
     assert payload["core"] == {"k": 614, "layers": list(range(5, 25)), "scoring": "magnitude",
-                               "alpha": 0.2, "beta": 0.4, "blocks": 1, "sharing": "per_sequence"}
+                               "alpha": 0.2, "beta": 0.4, "blocks": 1, "sharing": "per_sequence", "top_m": "bisection"}
     assert all(r["ffn_bytes_fraction"] == pytest.approx(1 - 20 / 30 * (1 - 614 / 1536))
                for r in payload["results"])
 
