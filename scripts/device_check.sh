@@ -78,6 +78,8 @@ for beta, times in select.items():
 gathers = {side: [r["gather_seconds"] for r in runs[name]["runs"] if r["beta"] == 0.4]
            for side, name in (("device", "offload"), ("host", "offload_host_gather"))}
 print(f"offloaded gather at beta=0.4, seconds by side: {gathers}")
+for name in ("all_layers", "offload"):   # offloaded: each layer's FFN copy freed, or all live?
+  print(f"{name}: the prefill's memory {runs[name]['runs'][1]['prefill_memory']}")
 print(f"transformers offloaded: {runs['offload']['hf_offload_decode_tokens_per_second']} tokens/s, "
       f"modules {runs['offload']['hf_offload_modules']}")
 print(f"[wrote {os.path.join(out, 'device_check.json')}]")

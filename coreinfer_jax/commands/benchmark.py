@@ -168,7 +168,8 @@ def main(argv):
   for variant, gen, out, tps in zip(variants, gens, variant_rounds, decode_rates):
     plain, figures, prefill = _run(variant, gen, [st for st, _ in out], tps, dense_step_bytes,
                                    limits[limit_name], dense_tps, hf_tps, s["batch_size"])
-    runs.append({**plain, **rounds.all_fields(figures)})
+    prefill_memory = gen.prefill_memory(s["batch_size"], gen.bucket(prompts, s["decode_steps"] + 1))
+    runs.append({**plain, "prefill_memory": prefill_memory, **rounds.all_fields(figures)})
     _report(plain, figures, prefill, s["prompt_len"], s["rounds"], hf_tps)
   app.write_json(FLAGS.json_out, {
       "model": m.path,

@@ -218,6 +218,18 @@ class Generator:
     return self.compiled("decode", self._decode, params, cache, tokens_B, self.key,
                          donate_argnums=(1,))
 
+  def prefill_memory(self, batch: int, bucket: int) -> Dict[str, int]:
+    """XLA's memory analysis of the compiled prefill for these shapes: bytes
+    of its arguments, outputs and temporaries, in device and in host memory.
+    With offloaded FFNs on a GPU, `temp` tells whether each layer's copy is
+    released as the layer ends (about one layer's FFN) or all stay live."""
+    analysis = self.compiled.get("prefill", self._prefill, self.params,
+                                 jnp.zeros((batch, bucket), jnp.int32),
+                                 jnp.zeros((batch,), jnp.int32), self.key,
+                                 self._arrays).memory_analysis()
+    return {kind: getattr(analysis, f"{kind}_size_in_bytes")
+            for kind in ("argument", "output", "temp", "host_argument", "host_temp")}
+
   def decode_hlo(self, params: ModelParams, cache: KVCache, tokens_B: jax.Array) -> str:
     """The compiled decode step's optimized HLO for these shapes (for profiling)."""
     return self.compiled.get("decode", self._decode, params, cache, tokens_B, self.key,

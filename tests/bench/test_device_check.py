@@ -25,6 +25,7 @@ def test_device_check_dry_run_on_cpu_writes_every_run(tmp_path):
     assert r["memory"]["host_weight_bytes"] > 0
     assert r["memory"]["device_weight_bytes_peak"] < 0.2e9
   assert runs["offload"]["hf_offload_modules"]   # transformers offloaded to the same budget
+  assert runs["offload"]["runs"][0]["prefill_memory"]["argument"] > 0
   for name in ("paper_layers", "all_layers"):
     assert all(r["memory"]["host_weight_bytes"] == 0 for r in runs[name]["runs"])
 
