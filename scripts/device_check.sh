@@ -49,20 +49,19 @@ bench() {   # bench NAME FLAGS...: one benchmark run, its JSON and log under $OU
 bench paper_layers --methods=dense,stability --betas=0.4,0.2 --sparse_layers=paper
 bench all_layers --methods=dense,stability --betas=0.4,0.2 --sparse_layers=all \
     --top_ms=bisection,top_k
-bench offload --methods=stability --betas=0.4,0.2 --sparse_layers=all --offload_ffn \
+bench offload --methods=stability --betas=0.4,0.2 --sparse_layers=all --offload_modes=device,host \
     --device_memory_limit_gb="$BUDGET_GB" --compare_hf_offload
-bench offload_host_gather --methods=stability --betas=0.4 --sparse_layers=all --offload_ffn \
-    --offload_gather=host --device_memory_limit_gb="$BUDGET_GB"
 
 "$PY" - "$OUT" <<'EOF'
 import json, os, sys
 out = sys.argv[1]
 runs = {name: json.load(open(os.path.join(out, name + ".json")))
-        for name in ("paper_layers", "all_layers", "offload", "offload_host_gather")}
+        for name in ("paper_layers", "all_layers", "offload")}
 json.dump(runs, open(os.path.join(out, "device_check.json"), "w"), indent=1)
 for name, run in runs.items():
   for r in run["runs"]:
     print(f"{name}: {r['method']} beta={r['beta']} top-m {r['core'] and r['core']['top_m']} "
+          f"offload {r['offload']} "
           f"{r['decode_tokens_per_second']:.1f} tokens/s, {r['fraction_of_limit']} of the limit, "
           f"{r['fraction_of_bound']} of the bytes bound, select {r['select_seconds']} s, "
           f"gather {r['gather_seconds']} s, vs transformers offloaded {r['speedup_vs_hf_offload']}, "
@@ -75,9 +74,8 @@ for beta, times in select.items():
   verdict = (f"{min(times, key=times.get)} faster" if len(times) == 2
              else "not measurable for both (below the prefill's noise)")
   print(f"top-m at beta={beta}: {verdict} ({times})")
-gathers = {side: [r["gather_seconds"] for r in runs[name]["runs"] if r["beta"] == 0.4]
-           for side, name in (("device", "offload"), ("host", "offload_host_gather"))}
-print(f"offloaded gather at beta=0.4, seconds by side: {gathers}")
+gathers = {(r["beta"], r["offload"]): r["gather_seconds"] for r in runs["offload"]["runs"]}
+print(f"offloaded gather seconds by (beta, side), interleaved: {gathers}")
 for name in ("all_layers", "offload"):   # offloaded: each layer's FFN copy freed, or all live?
   print(f"{name}: the prefill's memory {runs[name]['runs'][1]['prefill_memory']}")
 print(f"transformers offloaded: {runs['offload']['hf_offload_decode_tokens_per_second']} tokens/s, "

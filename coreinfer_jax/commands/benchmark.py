@@ -34,6 +34,7 @@ once their cluster has been used.
 import itertools
 import os
 import tempfile
+from typing import List, NamedTuple, Optional
 
 import numpy as np
 from absl import flags
@@ -43,7 +44,8 @@ from coreinfer_jax.cli import app, models, optional
 from coreinfer_jax.cli import flags as cli_flags
 from coreinfer_jax.core import methods
 from coreinfer_jax.core.cost import decode_weight_bytes, decode_weight_bytes_per_device
-from coreinfer_jax.core.spec import parse_beta
+from coreinfer_jax.core.policy import CorePolicy
+from coreinfer_jax.core.spec import CoreSpec, parse_beta
 from coreinfer_jax.runtime import offload
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.runtime.batching import resolve_dtype
@@ -56,6 +58,10 @@ flags.DEFINE_list("methods", None, "methods to measure interleaved (default: --m
 flags.DEFINE_list("betas", None, "uniform β values to measure for each sparse method (default: --beta)")
 flags.DEFINE_list("core_sharings", None, "core sharings to measure for each sparse method and β "
                   "(default: --core_sharing)")
+flags.DEFINE_list("offload_modes", None, "where each sparse run keeps its sparsified FFNs, "
+                  "measured interleaved: resident (device memory), device or host (host memory, "
+                  "the core rows gathered on that side); default: --offload_ffn and "
+                  "--offload_gather")
 flags.DEFINE_list("top_ms", None, "top-m algorithms to measure for each sparse run (default: "
                   "--top_m): the same core sets, the selection's time compared")
 flags.DEFINE_float("device_memory_limit_gb", None, "refuse, before loading, a run whose weights "
@@ -76,23 +82,49 @@ FLAGS = flags.FLAGS
 REFERENCES = {"hf": "transformers", "hf_offload": "transformers offloaded"}
 
 
-def _variants(s, config, fingerprint):
-  """(method, β flag value, CoreSpec or None, policy) for every run, checked
-  before loading."""
+class Variant(NamedTuple):
+  """One measured run: the method, its β flag value, core spec (None:
+  dense) and policy, and where its sparsified FFNs live (None: device
+  memory; "device" or "host": host memory, gathered on that side)."""
+  method: str
+  beta: Optional[str]
+  core: Optional[CoreSpec]
+  policy: CorePolicy
+  offload: Optional[str]
+
+
+def _offload_modes(tp: int):
+  """The sparse runs' `Variant.offload` values, checked."""
+  modes = FLAGS.offload_modes or [FLAGS.offload_gather if FLAGS.offload_ffn else "resident"]
+  for mode in modes:
+    if mode not in ("resident",) + offload.GATHER_SIDES:
+      raise ValueError(f"--offload_modes: unknown mode {mode!r}; choose from resident, "
+                       f"{', '.join(offload.GATHER_SIDES)}")
+    if mode != "resident":
+      offload.check_offload(True, True, tp, mode)
+  return [None if mode == "resident" else mode for mode in modes]
+
+
+def _variants(s, config, fingerprint) -> List[Variant]:
+  """Every run, checked before loading (dense runs stay resident: they read
+  every weight)."""
   names = FLAGS.methods or [s["method"]]
   betas = FLAGS.betas or [s["beta"]]
   sharings = FLAGS.core_sharings or [s["core_sharing"]]
   top_ms = FLAGS.top_ms or [s["top_m"]]
+  modes = _offload_modes(s["tp"])
   variants = []
   for method in names:
     sparse = method != "dense"
-    for beta, sharing, top_m in itertools.product(betas if sparse else [None],
-                                                  sharings if sparse else [s["core_sharing"]],
-                                                  top_ms if sparse else [s["top_m"]]):
+    for beta, sharing, top_m, mode in itertools.product(
+        betas if sparse else [None], sharings if sparse else [s["core_sharing"]],
+        top_ms if sparse else [s["top_m"]], modes if sparse else [None]):
       cluster_dir = s["cluster_dir"] if method == "similarity" else None
       policy = methods.policy_for(method, dict(s, core_sharing=sharing, top_m=top_m), config,
                                   cluster_dir=cluster_dir, fingerprint=fingerprint, beta=beta)
-      variants.append((method, beta, policy.spec, policy))
+      variants.append(Variant(method, beta, policy.spec, policy, mode))
+  if FLAGS.offload_ffn and all(v.core is None for v in variants):
+    offload.check_offload(True, False, s["tp"])   # refused: nothing sparse to offload
   return variants
 
 
@@ -108,13 +140,11 @@ def main(argv):
   config = models.model_config(FLAGS.model, s["shape"], FLAGS.configs_dir, FLAGS.num_layers)
   mesh = cli_flags.mesh_from_flags(config)
   variants = _variants(s, config, models.model_fingerprint(FLAGS.model, s["shape"]))
-  offload.check_offload(FLAGS.offload_ffn, any(core is not None for _, _, core, _ in variants),
-                        s["tp"], FLAGS.offload_gather)
   dtype = resolve_dtype(s["dtype"])
-  for _, _, core, _ in variants:   # dense runs stay resident
-    offloaded = FLAGS.offload_ffn and core is not None
+  for v in variants:
+    offloaded = v.offload is not None
     offload.check_fits(FLAGS.device_memory_limit_gb, offload.planned_memory(
-        config, core, dtype, offloaded, s["batch_size"], s["cache_len"], mesh), offloaded)
+        config, v.core, dtype, offloaded, s["batch_size"], s["cache_len"], mesh), offloaded)
   dtype_name = np.dtype(dtype).name
   m, load_seconds = models.load(FLAGS.model, dtype, s["shape"], FLAGS.configs_dir, FLAGS.num_layers)
   if s["shape"]:
@@ -130,11 +160,10 @@ def main(argv):
         f"median; min/median/max over 10 repeats each):")
   print("\n".join(probes.describe(limits)))
 
-  gens = [Generator(m.config, m.params, cache_len=s["cache_len"], policy=policy,
+  gens = [Generator(m.config, m.params, cache_len=s["cache_len"], policy=v.policy,
                     time_selection=True, selection_rounds=1, mesh=mesh,
-                    offload_ffn=FLAGS.offload_ffn and policy.spec is not None,
-                    offload_gather=FLAGS.offload_gather)
-          for _, _, _, policy in variants]
+                    offload_ffn=v.offload is not None, offload_gather=v.offload or "device")
+          for v in variants]
   prompts = np.random.default_rng(0).integers(3, m.config.vocab_size,
                                               (s["batch_size"], s["prompt_len"])).tolist()
   prompt = prompts[0]   # transformers' (batch 1)
@@ -147,9 +176,9 @@ def main(argv):
   hf_seconds = {name: [] for name in hf_models}   # per round, (1 + N tokens, 1 token) seconds
   for r in range(s["rounds"]):
     line = []
-    for (method, beta, core, _), gen, out in zip(variants, gens, variant_rounds):
+    for v, gen, out in zip(variants, gens, variant_rounds):
       out.append(timing.time_prefill_and_decode(gen, prompts, s["decode_steps"]))
-      line.append(f"{_label(method, beta, core)} {out[-1][1]:.2f}")
+      line.append(f"{_label(v)} {out[-1][1]:.2f}")
     for name, hf in hf_models.items():
       hf_seconds[name].append(reference.hf_generate_seconds(hf, prompt, s["decode_steps"],
                                                             reference.torch_device()))
@@ -162,8 +191,7 @@ def main(argv):
       [n for n, _ in seconds], [one for _, one in seconds], "first token"))
       for name, seconds in hf_seconds.items()}
   decode_rates = [rounds.measured([rate for _, rate in out]) for out in variant_rounds]
-  dense_tps = next((rate for (_, _, core, _), rate in zip(variants, decode_rates) if core is None),
-                   None)
+  dense_tps = next((rate for v, rate in zip(variants, decode_rates) if v.core is None), None)
   runs = []
   for variant, gen, out, tps in zip(variants, gens, variant_rounds, decode_rates):
     plain, figures, prefill = _run(variant, gen, [st for st, _ in out], tps, dense_step_bytes,
@@ -215,11 +243,16 @@ def _references(model_path, s, dtype_name, offload_dir):
   return hf_models, tiers
 
 
-def _label(method, beta, core):
-  if core is None:
-    return method
-  return (f"{method} β={beta}" + (" shared" if core.shared else "")
-          + (f" {core.top_m}" if FLAGS.top_ms else ""))
+def _label(v: Variant) -> str:
+  if v.core is None:
+    return v.method
+  return (f"{v.method} β={v.beta}" + (" shared" if v.core.shared else "")
+          + (f" {v.core.top_m}" if FLAGS.top_ms else "")
+          + (f" {_memory_label(v.offload)}" if FLAGS.offload_modes else ""))
+
+
+def _memory_label(offload_mode: Optional[str]) -> str:
+  return "resident" if offload_mode is None else f"offloaded ({offload_mode} gather)"
 
 
 def _run(variant, gen, stats, tps, dense_step_bytes, limit, dense_tps, hf_tps, batch_size):
@@ -227,7 +260,7 @@ def _run(variant, gen, stats, tps, dense_step_bytes, limit, dense_tps, hf_tps, b
   prefill's figures) of one variant, from its rounds' prefill stats and
   decode steps/s. Bytes are per decode step and device (the whole batch's
   rows, each device's shards): the bandwidth is each device's."""
-  method, beta, core, _ = variant
+  method, beta, core = variant.method, variant.beta, variant.core
   sparse = core is not None
   step_bytes = stats[0].decode_weight_bytes_per_device
   achieved = rounds.scaled(tps, step_bytes / 1e9)
@@ -252,6 +285,7 @@ def _run(variant, gen, stats, tps, dense_step_bytes, limit, dense_tps, hf_tps, b
       "core_placement": gen.core_placement,
       "tp": 1 if gen.mesh is None else gen.mesh.size,
       "core_device_load": stats[0].core_device_load,
+      "offload": variant.offload,   # None: resident; else the gather's side
       "memory": stats[0].memory,
       "ffn_bytes_fraction": stats[0].ffn_bytes_fraction,
       "compile_seconds": sum(gen.compiled.compile_seconds.values()) + gen.compiled.warm_up_seconds,
@@ -281,7 +315,8 @@ def _report(plain, figures, prefill, prompt_len, round_count, hf_tps):
   core = plain["core"]
   name = plain["method"] + ("" if plain["beta"] is None else f" β={plain['beta']} ({plain['scoring']}"
                            f"{', shared' if core['sharing'] == 'shared' else ''}"
-                           f"{', top-m by ' + core['top_m'] if FLAGS.top_ms else ''})")
+                           f"{', top-m by ' + core['top_m'] if FLAGS.top_ms else ''}"
+                           f"{', ' + _memory_label(plain['offload']) if FLAGS.offload_modes else ''})")
   lines = [
       f"{rounds.describe('decode', figures['decode_tokens_per_second'], 2, ' tokens/s')}"
       f"{_batch(figures['batch_tokens_per_second'])}, "

@@ -150,6 +150,7 @@ class Generator:
       meshes.check_tensor_parallel(config, mesh.size)
       params = meshes.place_params(params, config, mesh)
     self.mesh = mesh
+    self.offload_gather = offload_gather
     self.core_placement: Optional[str] = None   # a sparse policy on a mesh: "local" or "global"
     if mesh is not None and policy.spec is not None:
       core_gather = core_placement.MeshCoreGather(mesh, policy.spec)
@@ -266,7 +267,7 @@ class Generator:
     stats.ffn_bytes_fraction = cost.ffn_bytes_fraction(self.params, decode_params)
     stats.decode_weight_bytes = cost.decode_weight_bytes_per_sequence(self.params, decode_params)
     stats.decode_weight_bytes_per_device = cost.decode_weight_bytes_per_device(decode_params)
-    stats.memory = offload.memory_record(self.params, decode_params)
+    stats.memory = offload.memory_record(self.params, decode_params, self.offload_gather)
     if self.mesh is not None and self.policy.spec is not None:
       stats.core_device_load = core_placement.device_load(core, self.config.intermediate_size,
                                                           self.mesh.size)

@@ -89,17 +89,24 @@ class HostFFNGather(CoreGather):
     return self.inner.buffers(shapes)
 
 
-def memory_record(params: ModelParams, decode_params: ModelParams) -> Dict[str, int]:
-  """Weight bytes per device by memory, from the arrays' memory kinds:
+def memory_record(params: ModelParams, decode_params: ModelParams,
+                  gather_on: str = "device") -> Dict[str, int]:
+  """Weight bytes per device by memory, from the arrays' memory kinds and shardings:
   what the decode step reads from device memory; the peak in device memory
   (the resident weights and the compact FFNs, plus one host-resident layer's
-  FFN, which the prefill and the gather copy in one layer at a time); and
-  what stays in host memory."""
-  one_layer = max((cost.bytes_in_memory(HOST, layer.ffn) for layer in params.layers), default=0)
+  FFN, which the prefill and the gather copy in one layer at a time); what
+  stays in host memory; and what crosses from host to device memory for one
+  prompt (batch): the prefill copies every host-resident FFN once, the gather
+  copies them again (`gather_on="device"`) or only their core rows (`"host"`)."""
+  layer_host = [cost.bytes_in_memory(HOST, layer.ffn) for layer in params.layers]
+  host = cost.bytes_in_memory(HOST, params)
+  core_rows = cost.bytes_in_memory("device", [decode.ffn for decode, on_host in
+                                              zip(decode_params.layers, layer_host) if on_host])
   return {"device_weight_bytes_decode": cost.bytes_in_memory("device", decode_params),
           "device_weight_bytes_peak": cost.bytes_in_memory("device", params, decode_params)
-                                      + one_layer,
-          "host_weight_bytes": cost.bytes_in_memory(HOST, params)}
+                                      + max(layer_host, default=0),
+          "host_weight_bytes": host,
+          "host_to_device_bytes_per_prompt": host + (host if gather_on == "device" else core_rows)}
 
 
 def _shards(shapes, shardings):

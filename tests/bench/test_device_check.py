@@ -18,10 +18,12 @@ def test_device_check_dry_run_on_cpu_writes_every_run(tmp_path):
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   runs = json.loads((tmp_path / "device_check.json").read_text())
-  assert set(runs) == {"paper_layers", "all_layers", "offload", "offload_host_gather"}
+  assert set(runs) == {"paper_layers", "all_layers", "offload"}
   assert [(r["beta"], r["core"] and r["core"]["top_m"]) for r in runs["all_layers"]["runs"]] == [
       (None, None), (0.4, "bisection"), (0.4, "top_k"), (0.2, "bisection"), (0.2, "top_k")]
-  for r in runs["offload"]["runs"] + runs["offload_host_gather"]["runs"]:
+  assert [(r["beta"], r["offload"]) for r in runs["offload"]["runs"]] == [
+      (0.4, "device"), (0.4, "host"), (0.2, "device"), (0.2, "host")]
+  for r in runs["offload"]["runs"]:
     assert r["memory"]["host_weight_bytes"] > 0
     assert r["memory"]["device_weight_bytes_peak"] < 0.2e9
   assert runs["offload"]["hf_offload_modules"]   # transformers offloaded to the same budget

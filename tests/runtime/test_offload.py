@@ -104,8 +104,9 @@ def test_memory_record_counts_each_memory_from_the_arrays(tiny):
   policy = _policy(tiny)
   ffn_bytes = [cost.param_bytes(layer.ffn) for layer in tiny.params.layers]
   total = cost.param_bytes(tiny.params)
-  for offloaded in (False, True):
-    gen = Generator(tiny.config, tiny.params, cache_len=64, policy=policy, offload_ffn=offloaded)
+  for offloaded, gather_on in ((False, "device"), (True, "device"), (True, "host")):
+    gen = Generator(tiny.config, tiny.params, cache_len=64, policy=policy, offload_ffn=offloaded,
+                    offload_gather=gather_on)
     _, stats = gen.generate_ids(random_prompts([7], seed=4), 3)
     compact = sum(cost.param_bytes(gen.prefill(gen.params, random_prompts([7], seed=4), 3)
                                    .decode_params.layers[i].ffn) for i in (1, 2))
@@ -115,6 +116,9 @@ def test_memory_record_counts_each_memory_from_the_arrays(tiny):
     # resident weights + compact FFNs, + one layer's FFN copied in when offloaded
     assert stats.memory["device_weight_bytes_peak"] == (total - host + compact
                                                         + (max(ffn_bytes[1:3]) if offloaded else 0))
+    # the prefill streams the host FFNs in; the gather copies them again, or only the core rows
+    crossing = 0 if not offloaded else host + (host if gather_on == "device" else compact)
+    assert stats.memory["host_to_device_bytes_per_prompt"] == crossing
 
 
 @pytest.mark.parametrize("offloaded", [False, True])
@@ -146,13 +150,16 @@ def test_benchmark_times_transformers_offloaded_to_the_same_budget(tiny_llama_wi
   args = [f"--model={tiny_llama_with_tokenizer}", "--methods=stability", "--betas=0.5", "--sparse_layers=all",
           "--prompt_len=8", "--cache_len=32", "--decode_steps=2", "--rounds=1", "--offload_ffn"]
   proc = run_script("benchmark.py", *args, "--device_memory_limit_gb=0.0004", "--compare_hf_offload",
-                    "--top_ms=bisection,top_k", f"--json_out={out}")
+                    "--top_ms=bisection,top_k", "--offload_modes=device,host", f"--json_out={out}")
   assert proc.returncode == 0, proc.stderr
   payload = json.loads(out.read_text())
   tiers = payload["hf_offload_modules"]
   assert set(tiers) == {"cpu", "disk"} and all(n > 0 for n in tiers.values())
   assert payload["hf_device"] == "cpu" and payload["hf_decode_tokens_per_second"] is None
-  assert [r["core"]["top_m"] for r in payload["runs"]] == ["bisection", "top_k"]
+  assert [(r["core"]["top_m"], r["offload"]) for r in payload["runs"]] == [
+      ("bisection", "device"), ("bisection", "host"), ("top_k", "device"), ("top_k", "host")]
+  moved = {r["offload"]: r["memory"]["host_to_device_bytes_per_prompt"] for r in payload["runs"]}
+  assert moved["host"] < moved["device"]   # the host-side gather copies only the core rows
   for run in payload["runs"]:
     measured = payload["hf_offload_decode_tokens_per_second"]
     assert (run["speedup_vs_hf_offload"] is None) == (measured is None)
