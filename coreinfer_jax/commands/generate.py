@@ -23,6 +23,7 @@ from coreinfer_jax.cli import app, escapes, models
 from coreinfer_jax.cli import flags as cli_flags
 from coreinfer_jax.core import methods
 from coreinfer_jax.runtime import distributed, offload
+from coreinfer_jax.runtime import verify as verifying
 from coreinfer_jax.runtime import prompts as prompt_encoding
 from coreinfer_jax.runtime.batching import DEFAULT_BUCKETS, pick_bucket, resolve_dtype
 from coreinfer_jax.runtime.generator import Generator
@@ -46,6 +47,10 @@ flags.DEFINE_boolean("escapes", True, "read backslash escapes in --prompt and --
 flags.DEFINE_boolean("chat", False, "wrap the prompt in the tokenizer's chat template")
 flags.DEFINE_boolean("stream", True, "print text as it is generated")
 flags.DEFINE_string("json_out", None, "write results as JSON here")
+flags.DEFINE_integer("verify", 0, "lossless mode (sparse methods): the compact-FFN model drafts "
+                     "this many tokens, the dense model verifies them in one pass and keeps the "
+                     "longest prefix it agrees with (greedy: exactly dense greedy decoding; "
+                     "sampling: the dense distribution); 0: off")
 flags.DEFINE_boolean("preload_clusters", False, "similarity: gather every cluster's compact "
                      "FFNs at start (default: each on first use)")
 flags.DEFINE_boolean("time_selection", True, "sparse methods: time the selecting prefill "
@@ -118,6 +123,7 @@ def main(argv):
                               fingerprint=models.model_fingerprint(FLAGS.model))
   core = policy.spec
   offload.check_offload(FLAGS.offload_ffn, core is not None, s["tp"], FLAGS.offload_gather)
+  verifying.check_verify(FLAGS.verify, core is not None, s["tp"] > 1, FLAGS.offload_ffn)
   tokenizer = checkpoint.load_tokenizer(checkpoint.model_path(FLAGS.model))
   prompt_ids = _encode_all(tokenizer, prompts, s)
   m, load_seconds = models.load(FLAGS.model, resolve_dtype(s["dtype"]), with_tokenizer=False)
@@ -128,7 +134,7 @@ def main(argv):
   gen = Generator(m.config, m.params, m.tokenizer, cache_len=s["cache_len"], sampling=sampling,
                   seed=s["seed"], policy=policy, preload=FLAGS.preload_clusters,
                   time_selection=FLAGS.time_selection, mesh=mesh, offload_ffn=FLAGS.offload_ffn,
-                  offload_gather=FLAGS.offload_gather)
+                  offload_gather=FLAGS.offload_gather, verify=FLAGS.verify)
   records = []
   for prompt, ids in zip(prompts, prompt_ids):
     if stream:   # a chat answer is a turn of its own, not the prompt's continuation
@@ -157,6 +163,7 @@ def main(argv):
         "core_device_load": stats.core_device_load,
         "memory": stats.memory,
         "cluster_id": None if stats.cluster_ids is None else stats.cluster_ids[0],
+        **(stats.verify_record(gen.verify, 1) if gen.verify else {}),
     })
     app.write_json(json_out, _payload(records, len(prompts), m.path, s["method"], core,
                                             load_seconds, gen))   # saved before it is reported
@@ -166,7 +173,9 @@ def main(argv):
           + ("" if core is None else f" ({rounds.describe_selection(timing)})")
           + ("" if stats.cluster_ids is None else f" (cluster {stats.cluster_ids[0]})") + ", "
           f"{len(result.token_ids)} new tokens, decode {stats.decode_tokens_per_second:.1f} tokens/s, "
-          f"stop: {result.finish_reason}]", file=sys.stderr)
+          + ("" if not gen.verify else
+             f"{stats.drafts_accepted} of {stats.verify_rounds * gen.verify} drafts accepted, ")
+          + f"stop: {result.finish_reason}]", file=sys.stderr)
   print(f"[compiles {dict(gen.compiled.compiles)}, compile seconds "
         f"{ {k: round(v, 2) for k, v in gen.compiled.compile_seconds.items()} }, "
         f"load {load_seconds:.1f}s]", file=sys.stderr)

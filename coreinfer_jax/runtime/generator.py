@@ -29,6 +29,7 @@ from coreinfer_jax.model.params import ModelParams
 from coreinfer_jax.runtime import core_placement
 from coreinfer_jax.runtime import mesh as meshes
 from coreinfer_jax.runtime import offload
+from coreinfer_jax.runtime import verify as verifying
 from coreinfer_jax.runtime import prompts
 from coreinfer_jax.runtime.batching import DEFAULT_BUCKETS, left_pad, pick_bucket
 from coreinfer_jax.runtime.compile import CompiledFunctions
@@ -55,7 +56,15 @@ class GenerationStats:
   # Weight bytes per device by memory (`runtime.offload.memory_record`).
   memory: Dict[str, int] = dataclasses.field(default_factory=dict)
   decode_seconds: float = 0.0
-  decode_steps: int = 0     # decode-step calls (each yields one token per sequence)
+  decode_steps: int = 0     # tokens decoded per sequence after the prefill's (one per step)
+  # `Generator.verify`: rounds of drafting N and verifying, each sequence's
+  # accepted drafts summed over rounds, what the batch advanced by beyond the
+  # dense token (summed), and the seconds of the drafts and of the verifies.
+  verify_rounds: int = 0
+  drafts_accepted: int = 0
+  batch_accepted: int = 0
+  draft_seconds: float = 0.0
+  verify_seconds: float = 0.0
   cluster_ids: Optional[List[int]] = None   # similarity-guided: each sequence's cluster
 
   @property
@@ -69,6 +78,11 @@ class GenerationStats:
   @property
   def decode_tokens_per_second(self) -> float:
     return self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
+
+  def verify_record(self, num_draft: int, batch: int) -> dict:
+    """`runtime.verify.verify_record` of this run."""
+    return verifying.verify_record(num_draft, batch, self.verify_rounds, self.drafts_accepted,
+                                   self.batch_accepted, self.draft_seconds, self.verify_seconds)
 
 
 def timed(clock: Callable[[], float], fn: Callable, *args) -> Tuple[Any, float]:
@@ -132,7 +146,9 @@ class Generator:
   the KV cache by KV heads; every compiled function runs over the mesh.
   `offload_ffn` (sparse policies) keeps the sparsified layers' FFNs in host
   memory (`runtime.offload`), their core rows gathered on `offload_gather`
-  ("device" or "host")."""
+  ("device" or "host"). `verify=N` (sparse policies) decodes losslessly: the
+  compact-FFN model drafts N tokens, the dense model verifies them in one
+  pass (`runtime.verify`)."""
 
   def __init__(self, config: ModelConfig, params: ModelParams, tokenizer=None, *,
                cache_len: int = 1024, buckets: Sequence[int] = DEFAULT_BUCKETS,
@@ -140,12 +156,14 @@ class Generator:
                policy: CorePolicy = Dense(), preload: bool = False, time_selection: bool = False,
                selection_rounds: int = 3, clock: Callable[[], float] = time.perf_counter,
                mesh: Optional[Mesh] = None, offload_ffn: bool = False,
-               offload_gather: str = "device"):
+               offload_gather: str = "device", verify: int = 0):
     if policy.spec is not None and len(policy.spec.layer_k) != config.num_layers:
       raise ValueError(f"core spec for {len(policy.spec.layer_k)} layers, model has "
                        f"{config.num_layers}")
     offload.check_offload(offload_ffn, policy.spec is not None, 1 if mesh is None else mesh.size,
                           offload_gather)
+    verifying.check_verify(verify, policy.spec is not None, mesh is not None, offload_ffn)
+    self.verify = verify
     if mesh is not None:
       meshes.check_tensor_parallel(config, mesh.size)
       params = meshes.place_params(params, config, mesh)
@@ -180,13 +198,17 @@ class Generator:
     self._prefill = prefill_fn(config, cache_len, sampling, policy, mesh, use_layer)
     self._dense_prefill = prefill_fn(config, cache_len, sampling, Dense(), mesh, use_layer)
     self._decode = decode_fn(config, sampling, mesh)
+    self._draft = verifying.draft_fn(config, sampling, verify) if verify else None
+    self._verify = verifying.verify_fn(config, sampling) if verify else None
     self.eos_ids = eos_ids(config, tokenizer)
 
   def encode(self, prompt: str, chat: bool = False) -> List[int]:
     return prompts.encode(self.tokenizer, prompt, chat)
 
   def bucket(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> int:
-    return pick_bucket(max(len(p) for p in prompt_ids), max_new_tokens, self.cache_len, self.buckets)
+    # verifying: the last round's draft may write N slots past the last token
+    return pick_bucket(max(len(p) for p in prompt_ids), max_new_tokens + self.verify,
+                       self.cache_len, self.buckets)
 
   def pad(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> Tuple[jax.Array, jax.Array]:
     tokens, start = left_pad(prompt_ids, self.bucket(prompt_ids, max_new_tokens))
@@ -231,6 +253,25 @@ class Generator:
     return {kind: getattr(analysis, f"{kind}_size_in_bytes")
             for kind in ("argument", "output", "temp", "host_argument", "host_temp")}
 
+  def verify_round(self, decode_params: ModelParams, cache: KVCache, tokens_B: jax.Array,
+                   stats: Optional[GenerationStats] = None):
+    """One lossless round (`runtime.verify`): the compiled draft of N tokens
+    with `decode_params`, then the compiled dense verify with `self.params`.
+    Returns (emitted [B, N + 1] (the first a + 1 are this round's), a, each
+    sequence's accepted count [B], the next tokens [B], cache); with `stats`,
+    both are timed into it."""
+    clock = self.clock if stats is not None else (lambda: 0.0)
+    (drafts, q, cache), draft_seconds = timed(
+        clock, lambda *args: self.compiled("draft", self._draft, *args, donate_argnums=(1,)),
+        decode_params, cache, tokens_B, self.key)
+    out, verify_seconds = timed(
+        clock, lambda *args: self.compiled("verify", self._verify, *args, donate_argnums=(1,)),
+        self.params, cache, tokens_B, drafts, q, self.key)
+    if stats is not None:
+      stats.draft_seconds += draft_seconds
+      stats.verify_seconds += verify_seconds
+    return out
+
   def decode_hlo(self, params: ModelParams, cache: KVCache, tokens_B: jax.Array) -> str:
     """The compiled decode step's optimized HLO for these shapes (for profiling)."""
     return self.compiled.get("decode", self._decode, params, cache, tokens_B, self.key,
@@ -247,7 +288,10 @@ class Generator:
     t0 = time.perf_counter()
     compile_before = sum(self.compiled.compile_seconds.values())
     state = self._prefilled(params, *self.prefill_padded(params, tokens, start))
-    jax.block_until_ready(self.decode(state.decode_params, state.cache, state.tokens_B))
+    if self.verify:
+      jax.block_until_ready(self.verify_round(state.decode_params, state.cache, state.tokens_B))
+    else:
+      jax.block_until_ready(self.decode(state.decode_params, state.cache, state.tokens_B))
     self.recycle(state)   # the first real prompt gathers into these buffers
     if self.time_selection:
       jax.block_until_ready(self.dense_prefill_padded(params, tokens, start))
@@ -289,23 +333,49 @@ class Generator:
     tracker = StopTracker(len(prompt_ids), self.eos_ids, stop_strings, self.tokenizer, on_text)
     self.compile_for(self.params, len(prompt_ids), self.bucket(prompt_ids, max_new_tokens))
     state = self.timed_prefill(prompt_ids, max_new_tokens, stats)
-    tokens, cache = state.tokens_B, state.cache
-
     t0 = self.clock()
+    decode = self._decode_verified if self.verify else self._decode_stepwise
+    jax.block_until_ready(decode(state, tracker, max_new_tokens, stats))
+    stats.decode_seconds = self.clock() - t0
+    self.recycle(state)
+    return tracker.results([len(p) for p in prompt_ids]), stats
+
+  def _decode_stepwise(self, state: Prefilled, tracker: StopTracker, max_new_tokens: int,
+                       stats: GenerationStats) -> KVCache:
+    """One decode step a token until `max_new_tokens` or every sequence has
+    stopped; returns the cache."""
+    tokens, cache = state.tokens_B, state.cache
     for _ in range(max_new_tokens - 1):
       # Dispatch step n+1 before reading token n on the host, so the host's
       # bookkeeping overlaps the device's work.
       next_tokens, cache = self.decode(state.decode_params, cache, tokens)
       stats.decode_steps += 1
       if tracker.add(np.asarray(tokens)):
-        break
+        return cache
       tokens = next_tokens
-    else:
-      tracker.add(np.asarray(tokens))
-    jax.block_until_ready(cache)
-    stats.decode_seconds = self.clock() - t0
-    self.recycle(state)
-    return tracker.results([len(p) for p in prompt_ids]), stats
+    tracker.add(np.asarray(tokens))
+    return cache
+
+  def _decode_verified(self, state: Prefilled, tracker: StopTracker, max_new_tokens: int,
+                       stats: GenerationStats) -> KVCache:
+    """Lossless rounds until `max_new_tokens` or every sequence has stopped;
+    returns the cache."""
+    tokens, cache = state.tokens_B, state.cache
+    if tracker.add(np.asarray(tokens)):
+      return cache
+    emitted = 1
+    while emitted < max_new_tokens:
+      out, a, accepted_B, tokens, cache = self.verify_round(state.decode_params, cache, tokens, stats)
+      a, out = int(a), np.asarray(out)
+      stats.verify_rounds += 1
+      stats.batch_accepted += a
+      stats.drafts_accepted += int(np.sum(accepted_B))
+      for column in range(min(a + 1, max_new_tokens - emitted)):
+        emitted += 1
+        stats.decode_steps += 1
+        if tracker.add(out[:, column]):
+          return cache
+    return cache
 
   def generate(self, prompts_text: Sequence[str], max_new_tokens: int, chat: bool = False,
                **kwargs: Any):

@@ -43,6 +43,13 @@ def _filter(logits_V: jax.Array, cfg: SamplingConfig) -> jax.Array:
   return logits_V
 
 
+def probabilities(logits_BV: jax.Array, cfg: SamplingConfig) -> jax.Array:
+  """float32 [B, V]: the distribution `sample` draws from (the temperature,
+  then the top-k and top-p filters); sampling only."""
+  scaled_BV = logits_BV.astype(jnp.float32) / cfg.temperature
+  return jax.nn.softmax(jax.vmap(lambda l: _filter(l, cfg))(scaled_BV), axis=-1)
+
+
 def argmax(logits_BV: jax.Array) -> jax.Array:
   """`jnp.argmax` over the last axis (the first index of the largest value), as
   two plain reductions: XLA:CPU runs argmax's paired (value, index) reduction
