@@ -1,0 +1,154 @@
+"""Lossless CoreInfer (`--verify=N`): greedy output equals dense greedy decoding
+token for token; sampling draws from the dense distribution (a chi-square test
+at a fixed seed) where the plain sparse sampler does not; the cache after a
+verify is the dense cache of the same tokens; draft and verify compile once."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from coreinfer_jax.checkpoint import load as loading
+from coreinfer_jax.core.policy import Stability
+from coreinfer_jax.core.spec import core_spec
+from coreinfer_jax.model.forward import forward
+from coreinfer_jax.runtime import verify as verifying
+from coreinfer_jax.runtime.generator import Generator
+from coreinfer_jax.runtime.sampling import SamplingConfig, probabilities
+from tests.conftest import random_prompts, run_generate
+
+
+def _stability(m, beta, **kw):
+  return Stability(core_spec(m.config.num_layers, m.config.intermediate_size, beta=beta,
+                             sparse_layers="all", **kw))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama):
+  return loading.load_model(tiny_llama, with_tokenizer=False)
+
+
+def test_greedy_verify_equals_dense_greedy_for_every_architecture(tiny_checkpoint):
+  _, folder, _ = tiny_checkpoint
+  m = loading.load_model(folder, with_tokenizer=False)
+  prompts = random_prompts([5, 17, 11], seed=21)   # a batch whose sequences accept differently
+  want, _ = Generator(m.config, m.params, cache_len=64).generate_ids(prompts, 16)
+  gen = Generator(m.config, m.params, cache_len=64, policy=_stability(m, 0.3), verify=4)
+  got, stats = gen.generate_ids(prompts, 16)
+  assert [r.token_ids for r in got] == [r.token_ids for r in want]
+  assert stats.verify_rounds > 0 and gen.compiled.compiles["decode"] == 0
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.5, 0.2])
+@pytest.mark.parametrize("num_draft", [1, 2, 8])
+def test_greedy_verify_equals_dense_greedy_at_every_beta_and_draft_length(tiny, beta, num_draft):
+  prompts = random_prompts([5, 17, 11], seed=22)
+  want, _ = Generator(tiny.config, tiny.params, cache_len=64).generate_ids(prompts, 20)
+  gen = Generator(tiny.config, tiny.params, cache_len=64, policy=_stability(tiny, beta),
+                  verify=num_draft)
+  got, stats = gen.generate_ids(prompts, 20)
+  assert [r.token_ids for r in got] == [r.token_ids for r in want]
+  record = stats.verify_record(num_draft, 3)
+  if beta == 1.0:   # the draft is the dense model: every draft is accepted
+    assert record["acceptance_rate"] == 1.0 and record["mean_accepted_per_verify"] == num_draft
+  assert 0 <= record["acceptance_rate"] <= 1
+
+
+def test_prompts_near_the_cache_end_and_one_compile_across_prompts(tiny):
+  # buckets (8, 16): a 16-token prompt, 40 new tokens and 8 drafted slots fill the 64-slot cache
+  gen = Generator(tiny.config, tiny.params, cache_len=64, buckets=(8, 16),
+                  policy=_stability(tiny, 0.4), verify=8)
+  dense = Generator(tiny.config, tiny.params, cache_len=64, buckets=(8, 16))
+  for ids in random_prompts([16, 9, 14], seed=23):   # one bucket, three core sets
+    got, _ = gen.generate_ids([ids], 40)
+    want, _ = dense.generate_ids([ids], 40)
+    assert got[0].token_ids == want[0].token_ids
+  assert gen.compiled.compiles == {"prefill": 1, "gather": 1, "draft": 1, "verify": 1}
+
+
+def test_the_cache_after_a_verify_is_the_dense_cache_of_the_same_tokens(tiny):
+  gen = Generator(tiny.config, tiny.params, cache_len=64, policy=_stability(tiny, 0.3), verify=4)
+  prompts = random_prompts([7, 12], seed=24)
+  state = gen.prefill(gen.params, prompts, 8)
+  start = int(state.cache.length)
+  emitted, a, _, next_B, cache = gen.verify_round(state.decode_params, state.cache, state.tokens_B)
+  a = int(a)
+  assert int(cache.length) == start + a + 1
+  np.testing.assert_array_equal(np.asarray(next_B), np.asarray(emitted)[:, a])
+  # The dense model fed the same tokens one step at a time.
+  dense = gen.prefill(gen.params, prompts, 8).cache   # the prefill's slots are dense already
+  fed = np.concatenate([np.asarray(state.tokens_B)[:, None], np.asarray(emitted)[:, :a]], axis=1)
+  step = jax.jit(lambda c, t: forward(tiny.params, tiny.config, c, t)[1])
+  for column in fed.T:
+    dense = step(dense, jnp.asarray(column)[:, None])
+  end = start + a + 1
+  for got, want in zip(cache.k, dense.k):      # K [B, KVH, hd, S]
+    np.testing.assert_allclose(np.asarray(got)[..., :end], np.asarray(want)[..., :end], atol=2e-5)
+  for got, want in zip(cache.v, dense.v):      # V [B, KVH, S, hd]
+    np.testing.assert_allclose(np.asarray(got)[:, :, :end], np.asarray(want)[:, :, :end], atol=2e-5)
+
+
+def _chi_square_p(samples, probs):
+  """p-value of `samples` drawn from `probs` (bins of expected count < 5 merged)."""
+  counts = np.bincount(samples, minlength=len(probs)).astype(float)
+  expected = probs * len(samples)
+  small = expected < 5
+  observed = np.append(counts[~small], counts[small].sum())
+  expected = np.append(expected[~small], expected[small].sum())
+  return scipy_stats.chisquare(observed, expected * observed.sum() / expected.sum()).pvalue
+
+
+def test_speculative_sampling_draws_from_the_dense_distribution(tiny):
+  sampling = SamplingConfig(temperature=1.0)
+  gen = Generator(tiny.config, tiny.params, cache_len=32, policy=_stability(tiny, 0.2))
+  draws = 4000
+  prompt = random_prompts([6], seed=25)[0]
+  state = gen.prefill(gen.params, [prompt] * draws, 4)   # one prompt: one core set, copied
+  tokens = jnp.full((draws,), 7, jnp.int32)              # the same last token everywhere
+  key = jax.random.key(3)
+  drafts, q, cache = jax.jit(verifying.draft_fn(tiny.config, sampling, 3))(
+      state.decode_params, state.cache, tokens, key)
+  emitted = jax.jit(verifying.verify_fn(tiny.config, sampling))(
+      gen.params, cache, tokens, drafts, q, key)[0]
+  dense_logits = forward(tiny.params, tiny.config, state.cache, tokens[:, None])[0][0, 0]
+  p = np.asarray(probabilities(dense_logits[None], sampling))[0].astype(np.float64)
+  q0 = np.asarray(q)[0, 0].astype(np.float64)
+  assert np.abs(p - q0).sum() > 0.1   # the sparse model's next-token distribution differs
+  assert _chi_square_p(np.asarray(emitted)[:, 0], p / p.sum()) > 1e-3     # verified: dense
+  assert _chi_square_p(np.asarray(drafts)[:, 0], p / p.sum()) < 1e-6      # plain sparse: not
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"verify": 2}, "--verify needs a sparse method: it is the compact-FFN model that drafts"),
+    ({"verify": -1}, "--verify must be at least 0 (0: off), got -1"),
+])
+def test_bad_verify_settings_are_refused(tiny, kwargs, message):
+  policy = {} if kwargs["verify"] == 2 else {"policy": _stability(tiny, 0.5)}
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    Generator(tiny.config, tiny.params, cache_len=64, **policy, **kwargs)
+  with pytest.raises(ValueError, match=r"--verify on a device mesh \(--tp > 1\) is not built yet"):
+    verifying.check_verify(2, True, True, False)
+  with pytest.raises(ValueError, match="does not combine with --offload_ffn"):
+    verifying.check_verify(2, True, False, True)
+
+
+def test_generate_verify_matches_dense_and_reports_acceptance(tiny_llama_with_tokenizer, tmp_path):
+  out = tmp_path / "out.json"
+  args = [f"--model={tiny_llama_with_tokenizer}", "--prompt=hello there", "--max_new_tokens=12",
+          "--cache_len=64", "--nostream"]
+  dense = run_generate(*args, f"--json_out={out}")
+  assert dense.returncode == 0, dense.stderr
+  want = json.loads(out.read_text())["token_ids"]
+  verified = run_generate(*args, "--method=stability", "--beta=0.4", "--sparse_layers=all",
+                          "--verify=3", f"--json_out={out}")
+  assert verified.returncode == 0, verified.stderr
+  payload = json.loads(out.read_text())
+  assert payload["token_ids"] == want and payload["verify"] == 3
+  assert 0 <= payload["acceptance_rate"] <= 1 and payload["verify_seconds"] > 0
+  refused = run_generate(*args, "--verify=3")
+  assert refused.returncode == 2
+  assert refused.stderr.strip() == ("error: --verify needs a sparse method: it is the compact-FFN "
+                                    "model that drafts")
