@@ -39,6 +39,7 @@ from typing import List, NamedTuple, Optional
 import numpy as np
 from absl import flags
 
+from coreinfer_jax import checkpoint
 from coreinfer_jax.bench import probes, reference, rounds, timing
 from coreinfer_jax.cli import app, models, optional
 from coreinfer_jax.cli import flags as cli_flags
@@ -47,6 +48,8 @@ from coreinfer_jax.core.cost import decode_weight_bytes, decode_weight_bytes_per
 from coreinfer_jax.core.policy import CorePolicy
 from coreinfer_jax.core.spec import CoreSpec, parse_beta
 from coreinfer_jax.runtime import offload
+from coreinfer_jax.runtime import prompts as prompt_encoding
+from coreinfer_jax.runtime import verify as verifying
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.runtime.batching import resolve_dtype
 
@@ -62,12 +65,17 @@ flags.DEFINE_list("offload_modes", None, "where each sparse run keeps its sparsi
                   "measured interleaved: resident (device memory), device or host (host memory, "
                   "the core rows gathered on that side); default: --offload_ffn and "
                   "--offload_gather")
+flags.DEFINE_list("verifies", ["0"], "draft lengths N of the lossless mode to measure for each "
+                  "sparse run (0: plain sparse decoding; N: draft N, verify with the dense model)")
 flags.DEFINE_list("top_ms", None, "top-m algorithms to measure for each sparse run (default: "
                   "--top_m): the same core sets, the selection's time compared")
 flags.DEFINE_float("device_memory_limit_gb", None, "refuse, before loading, a run whose weights "
                    "at peak plus KV cache exceed this much device memory")
 flags.DEFINE_integer("batch_size", 1, "prompts decoded together (random ids, --prompt_len each)")
 cli_flags.define_random_input_flags()
+flags.DEFINE_string("prompts_file", None, "real prompts instead of random ids: a UTF-8 file, one "
+                    "prompt a line; round r decodes the next --batch_size lines (cycling), each "
+                    "cut to its last --prompt_len tokens (what --verifies accepts depends on text)")
 flags.DEFINE_integer("decode_steps", 64, "decode steps timed per round")
 flags.DEFINE_integer("rounds", 3, "interleaved measurement rounds (min/median/max reported)")
 flags.DEFINE_boolean("compare_hf", False, "also time transformers (torch, same dtype and threads; "
@@ -85,12 +93,14 @@ REFERENCES = {"hf": "transformers", "hf_offload": "transformers offloaded"}
 class Variant(NamedTuple):
   """One measured run: the method, its β flag value, core spec (None:
   dense) and policy, and where its sparsified FFNs live (None: device
-  memory; "device" or "host": host memory, gathered on that side)."""
+  memory; "device" or "host": host memory, gathered on that side), and the
+  lossless mode's draft length (0: off)."""
   method: str
   beta: Optional[str]
   core: Optional[CoreSpec]
   policy: CorePolicy
   offload: Optional[str]
+  verify: int
 
 
 def _offload_modes(tp: int):
@@ -105,6 +115,34 @@ def _offload_modes(tp: int):
   return [None if mode == "resident" else mode for mode in modes]
 
 
+def _round_prompts(s, vocab_size: int) -> List[List[List[int]]]:
+  """Per round, the batch's prompt ids: the same random ids every round, or
+  the next lines of --prompts_file."""
+  batch, length = s["batch_size"], s["prompt_len"]
+  if FLAGS.prompts_file is None:
+    ids = np.random.default_rng(0).integers(3, vocab_size, (batch, length)).tolist()
+    return [ids] * s["rounds"]
+  if s["shape"]:
+    raise ValueError("--prompts_file needs a real model's tokenizer; --shape has random weights")
+  texts = prompt_encoding.read_prompts(FLAGS.prompts_file)
+  tokenizer = checkpoint.load_tokenizer(checkpoint.model_path(FLAGS.model))
+  encoded = [prompt_encoding.encode(tokenizer, text)[-length:] for text in texts]
+  return [[encoded[(r * batch + b) % len(encoded)] for b in range(batch)]
+          for r in range(s["rounds"])]
+
+
+def _draft_lengths(tp: int) -> List[int]:
+  """`--verifies` as integers, each checked."""
+  try:
+    lengths = [int(n) for n in FLAGS.verifies]
+  except ValueError:
+    raise ValueError(f"--verifies: expected a comma list of integers, got "
+                     f"{','.join(FLAGS.verifies)!r}") from None
+  for n in lengths:
+    verifying.check_verify(n, True, tp > 1, False)
+  return lengths
+
+
 def _variants(s, config, fingerprint) -> List[Variant]:
   """Every run, checked before loading (dense runs stay resident: they read
   every weight)."""
@@ -113,16 +151,19 @@ def _variants(s, config, fingerprint) -> List[Variant]:
   sharings = FLAGS.core_sharings or [s["core_sharing"]]
   top_ms = FLAGS.top_ms or [s["top_m"]]
   modes = _offload_modes(s["tp"])
+  verifies = _draft_lengths(s["tp"])
   variants = []
   for method in names:
     sparse = method != "dense"
-    for beta, sharing, top_m, mode in itertools.product(
+    for beta, sharing, top_m, mode, verify in itertools.product(
         betas if sparse else [None], sharings if sparse else [s["core_sharing"]],
-        top_ms if sparse else [s["top_m"]], modes if sparse else [None]):
+        top_ms if sparse else [s["top_m"]], modes if sparse else [None],
+        verifies if sparse else [0]):
       cluster_dir = s["cluster_dir"] if method == "similarity" else None
       policy = methods.policy_for(method, dict(s, core_sharing=sharing, top_m=top_m), config,
                                   cluster_dir=cluster_dir, fingerprint=fingerprint, beta=beta)
-      variants.append(Variant(method, beta, policy.spec, policy, mode))
+      verifying.check_verify(verify, sparse, s["tp"] > 1, mode is not None)
+      variants.append(Variant(method, beta, policy.spec, policy, mode, verify))
   if FLAGS.offload_ffn and all(v.core is None for v in variants):
     offload.check_offload(True, False, s["tp"])   # refused: nothing sparse to offload
   return variants
@@ -140,6 +181,7 @@ def main(argv):
   config = models.model_config(FLAGS.model, s["shape"], FLAGS.configs_dir, FLAGS.num_layers)
   mesh = cli_flags.mesh_from_flags(config)
   variants = _variants(s, config, models.model_fingerprint(FLAGS.model, s["shape"]))
+  round_prompts = _round_prompts(s, config.vocab_size)
   dtype = resolve_dtype(s["dtype"])
   for v in variants:
     offloaded = v.offload is not None
@@ -162,11 +204,9 @@ def main(argv):
 
   gens = [Generator(m.config, m.params, cache_len=s["cache_len"], policy=v.policy,
                     time_selection=True, selection_rounds=1, mesh=mesh,
-                    offload_ffn=v.offload is not None, offload_gather=v.offload or "device")
+                    offload_ffn=v.offload is not None, offload_gather=v.offload or "device",
+                    verify=v.verify)
           for v in variants]
-  prompts = np.random.default_rng(0).integers(3, m.config.vocab_size,
-                                              (s["batch_size"], s["prompt_len"])).tolist()
-  prompt = prompts[0]   # transformers' (batch 1)
   dense_step_bytes = decode_weight_bytes_per_device(gens[0].params)
   # accelerate's disk tier, where the device is the CPU (removed at exit)
   offload_dir = tempfile.TemporaryDirectory(prefix="coreinfer_hf_offload_")
@@ -176,11 +216,12 @@ def main(argv):
   hf_seconds = {name: [] for name in hf_models}   # per round, (1 + N tokens, 1 token) seconds
   for r in range(s["rounds"]):
     line = []
+    prompts = round_prompts[r]
     for v, gen, out in zip(variants, gens, variant_rounds):
       out.append(timing.time_prefill_and_decode(gen, prompts, s["decode_steps"]))
       line.append(f"{_label(v)} {out[-1][1]:.2f}")
     for name, hf in hf_models.items():
-      hf_seconds[name].append(reference.hf_generate_seconds(hf, prompt, s["decode_steps"],
+      hf_seconds[name].append(reference.hf_generate_seconds(hf, prompts[0], s["decode_steps"],
                                                             reference.torch_device()))
       decode_seconds = hf_seconds[name][-1][0] - hf_seconds[name][-1][1]
       line.append(f"{REFERENCES[name]} {s['decode_steps'] / decode_seconds:.2f}" if decode_seconds > 0
@@ -248,7 +289,8 @@ def _label(v: Variant) -> str:
     return v.method
   return (f"{v.method} β={v.beta}" + (" shared" if v.core.shared else "")
           + (f" {v.core.top_m}" if FLAGS.top_ms else "")
-          + (f" {_memory_label(v.offload)}" if FLAGS.offload_modes else ""))
+          + (f" {_memory_label(v.offload)}" if FLAGS.offload_modes else "")
+          + (f" verify {v.verify}" if v.verify else ""))
 
 
 def _memory_label(offload_mode: Optional[str]) -> str:
@@ -259,12 +301,22 @@ def _run(variant, gen, stats, tps, dense_step_bytes, limit, dense_tps, hf_tps, b
   """(plain JSON fields, figures by JSON name (None: does not apply), the
   prefill's figures) of one variant, from its rounds' prefill stats and
   decode steps/s. Bytes are per decode step and device (the whole batch's
-  rows, each device's shards): the bandwidth is each device's."""
+  rows, each device's shards): the bandwidth is each device's. A lossless
+  run's round reads the compact weights N times and the dense ones once for
+  its accepted drafts plus one token: its bytes per token, and so its bound,
+  follow the measured acceptance."""
   method, beta, core = variant.method, variant.beta, variant.core
   sparse = core is not None
   step_bytes = stats[0].decode_weight_bytes_per_device
-  achieved = rounds.scaled(tps, step_bytes / 1e9)
-  bound = dense_step_bytes / step_bytes
+  token_bytes, verify_record = step_bytes, {"verify": 0}
+  if variant.verify:
+    verify_record = verifying.verify_record(variant.verify, batch_size, **{
+        name: sum(getattr(st, name) for st in stats) for name in (
+            "verify_rounds", "drafts_accepted", "batch_accepted", "draft_seconds", "verify_seconds")})
+    token_bytes = ((variant.verify * step_bytes + dense_step_bytes)
+                   / (verify_record["mean_accepted_per_verify"] + 1))
+  achieved = rounds.scaled(tps, token_bytes / 1e9)
+  bound = dense_step_bytes / token_bytes
   selecting = [x for st in stats for x in st.selecting_prefill_rounds]
   prefill = rounds.prefill_figures(selecting, [st.gather_seconds for st in stats],
                                    [x for st in stats for x in st.dense_prefill_rounds])
@@ -286,6 +338,7 @@ def _run(variant, gen, stats, tps, dense_step_bytes, limit, dense_tps, hf_tps, b
       "tp": 1 if gen.mesh is None else gen.mesh.size,
       "core_device_load": stats[0].core_device_load,
       "offload": variant.offload,   # None: resident; else the gather's side
+      **verify_record,
       "memory": stats[0].memory,
       "ffn_bytes_fraction": stats[0].ffn_bytes_fraction,
       "compile_seconds": sum(gen.compiled.compile_seconds.values()) + gen.compiled.warm_up_seconds,
@@ -316,7 +369,8 @@ def _report(plain, figures, prefill, prompt_len, round_count, hf_tps):
   name = plain["method"] + ("" if plain["beta"] is None else f" β={plain['beta']} ({plain['scoring']}"
                            f"{', shared' if core['sharing'] == 'shared' else ''}"
                            f"{', top-m by ' + core['top_m'] if FLAGS.top_ms else ''}"
-                           f"{', ' + _memory_label(plain['offload']) if FLAGS.offload_modes else ''})")
+                           f"{', ' + _memory_label(plain['offload']) if FLAGS.offload_modes else ''}"
+                           f"{', verify ' + str(plain['verify']) if plain['verify'] else ''})")
   lines = [
       f"{rounds.describe('decode', figures['decode_tokens_per_second'], 2, ' tokens/s')}"
       f"{_batch(figures['batch_tokens_per_second'])}, "
@@ -328,6 +382,11 @@ def _report(plain, figures, prefill, prompt_len, round_count, hf_tps):
   if plain["beta"] is not None:
     lines.append(f"{rounds.describe('dense prefill', prefill.dense_prefill, 1, ' ms', 1e3)}; "
                  f"{rounds.describe_selection(prefill)}")
+    if plain["verify"]:
+      lines.append(f"verify: {plain['acceptance_rate']:.0%} of drafts accepted, "
+                   f"{plain['mean_accepted_per_verify']:.2f} a round (of {plain['verify']}); "
+                   f"draft {plain['draft_seconds']:.2f} s, verify {plain['verify_seconds']:.2f} s "
+                   f"over every round")
     if figures["speedup_vs_dense"] is not None:
       lines.append(_speedup_line(figures["speedup_vs_dense"], figures["fraction_of_bound"],
                                  plain["bound_speedup"]))

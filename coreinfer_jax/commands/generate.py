@@ -17,7 +17,7 @@ import sys
 
 from absl import flags
 
-from coreinfer_jax import checkpoint, files
+from coreinfer_jax import checkpoint
 from coreinfer_jax.bench import rounds
 from coreinfer_jax.cli import app, escapes, models
 from coreinfer_jax.cli import flags as cli_flags
@@ -68,10 +68,7 @@ def _prompts():
     if not prompt.strip():
       raise ValueError("--prompt is empty")
     return [prompt]
-  prompts = [line for line in files.read_lines(FLAGS.prompts_file) if line.strip()]
-  if not prompts:
-    raise ValueError(f"{FLAGS.prompts_file} holds no prompts")
-  return prompts
+  return prompt_encoding.read_prompts(FLAGS.prompts_file)
 
 
 def _as_meant(text, flag):

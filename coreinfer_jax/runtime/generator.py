@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -356,13 +356,13 @@ class Generator:
     tracker.add(np.asarray(tokens))
     return cache
 
-  def _decode_verified(self, state: Prefilled, tracker: StopTracker, max_new_tokens: int,
-                       stats: GenerationStats) -> KVCache:
-    """Lossless rounds until `max_new_tokens` or every sequence has stopped;
-    returns the cache."""
+  def verified_tokens(self, state: Prefilled, max_new_tokens: int,
+                      stats: GenerationStats) -> Iterator[np.ndarray]:
+    """Lossless decoding: yields each new token of the batch `[B]`, the
+    prefill's first, then those of each draft-and-verify round, up to
+    `max_new_tokens`, counting the rounds into `stats`."""
     tokens, cache = state.tokens_B, state.cache
-    if tracker.add(np.asarray(tokens)):
-      return cache
+    yield np.asarray(tokens)
     emitted = 1
     while emitted < max_new_tokens:
       out, a, accepted_B, tokens, cache = self.verify_round(state.decode_params, cache, tokens, stats)
@@ -373,9 +373,14 @@ class Generator:
       for column in range(min(a + 1, max_new_tokens - emitted)):
         emitted += 1
         stats.decode_steps += 1
-        if tracker.add(out[:, column]):
-          return cache
-    return cache
+        yield out[:, column]
+
+  def _decode_verified(self, state: Prefilled, tracker: StopTracker, max_new_tokens: int,
+                       stats: GenerationStats) -> None:
+    """Lossless rounds until `max_new_tokens` or every sequence has stopped."""
+    for tokens_B in self.verified_tokens(state, max_new_tokens, stats):
+      if tracker.add(tokens_B):
+        return
 
   def generate(self, prompts_text: Sequence[str], max_new_tokens: int, chat: bool = False,
                **kwargs: Any):

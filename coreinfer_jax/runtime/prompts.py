@@ -1,8 +1,19 @@
-"""Prompt text to token ids: raw, or wrapped in the tokenizer's chat template."""
+"""Prompt text to token ids: raw, or wrapped in the tokenizer's chat template;
+prompt files."""
 
 from __future__ import annotations
 
 from typing import List
+
+from coreinfer_jax import files
+
+
+def read_prompts(path: str) -> List[str]:
+  """The non-empty lines of a UTF-8 prompts file (one prompt a line)."""
+  prompts = [line for line in files.read_lines(path) if line.strip()]
+  if not prompts:
+    raise ValueError(f"{path} holds no prompts")
+  return prompts
 
 
 def encode(tokenizer, prompt: str, chat: bool = False) -> List[int]:

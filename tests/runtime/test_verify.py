@@ -18,7 +18,7 @@ from coreinfer_jax.model.forward import forward
 from coreinfer_jax.runtime import verify as verifying
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.runtime.sampling import SamplingConfig, probabilities
-from tests.conftest import random_prompts, run_generate
+from tests.conftest import random_prompts, run_generate, run_script
 
 
 def _stability(m, beta, **kw):
@@ -152,3 +152,28 @@ def test_generate_verify_matches_dense_and_reports_acceptance(tiny_llama_with_to
   assert refused.returncode == 2
   assert refused.stderr.strip() == ("error: --verify needs a sparse method: it is the compact-FFN "
                                     "model that drafts")
+
+
+def test_benchmark_measures_draft_lengths_on_real_prompts(tiny_llama_with_tokenizer, tmp_path):
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("hello there\n\nthe cat sat on the mat\nhello\n")
+  out = tmp_path / "bench.json"
+  args = [f"--model={tiny_llama_with_tokenizer}", "--methods=dense,stability", "--betas=1.0",
+          "--sparse_layers=all", "--prompt_len=8", "--cache_len=64", "--decode_steps=6",
+          "--rounds=2"]
+  proc = run_script("benchmark.py", *args, "--verifies=0,2", f"--prompts_file={prompts}",
+                    f"--json_out={out}")
+  assert proc.returncode == 0, proc.stderr
+  runs = json.loads(out.read_text())["runs"]
+  assert [(r["method"], r["verify"]) for r in runs] == [("dense", 0), ("stability", 0),
+                                                       ("stability", 2)]
+  lossless = runs[2]   # β = 1: the draft is the dense model, every draft accepted
+  assert lossless["acceptance_rate"] == 1.0 and lossless["mean_accepted_per_verify"] == 2.0
+  # a round reads the weights 2 + 1 times for 3 tokens: the bound is dense's
+  assert lossless["bound_speedup"] == pytest.approx(1.0)
+  assert lossless["draft_seconds"] > 0 and lossless["verify_seconds"] > 0
+  assert "verify: 100% of drafts accepted" in proc.stdout
+  for bad, message in (("--verifies=two", "--verifies: expected a comma list of integers, got 'two'"),
+                       ("--verifies=-1", "--verify must be at least 0 (0: off), got -1")):
+    refused = run_script("benchmark.py", *args, bad)
+    assert refused.returncode == 2 and refused.stderr.strip() == f"error: {message}"
