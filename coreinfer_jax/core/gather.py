@@ -84,6 +84,11 @@ class CoreGather:
     del out   # only its buffers are used, through donation
     return self(params, core)
 
+  def shardings(self, shapes: CompactFFNs):
+    """The shardings of the gather's outputs of `shapes`: None on one device."""
+    del shapes
+    return None
+
   def buffers(self, shapes: CompactFFNs) -> CompactFFNs:
     """Zero arrays of `shapes` (ShapeDtypeStructs), placed as the gather's output."""
     return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)

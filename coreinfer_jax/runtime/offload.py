@@ -85,6 +85,9 @@ class HostFFNGather(CoreGather):
       compact = super().layer(ffn, core)
     return jax.device_put(compact, jax.memory.Space.Device)
 
+  def shardings(self, shapes):
+    return self.inner.shardings(shapes)
+
   def buffers(self, shapes):
     return self.inner.buffers(shapes)
 
@@ -132,7 +135,7 @@ def planned_memory(config: ModelConfig, spec: Optional[CoreSpec], dtype, offload
   compact = jax.eval_shape(lambda ffns: tuple(
       gather.layer(ffn, jnp.zeros((rows, spec.layer_k[i]), jnp.int32))
       for i, ffn in zip(sparse, ffns)), [shapes.layers[i].ffn for i in sparse])
-  compact = _shards(compact, None if mesh is None else gather.shardings(compact))
+  compact = _shards(compact, gather.shardings(compact))
   ffn = [cost.param_bytes(params.layers[i].ffn) for i in sparse]
   host = sum(ffn) - max(ffn, default=0) if offload_ffn else 0   # one layer is copied in at a time
   cache = jax.eval_shape(lambda: init_cache(config, batch, cache_len, jnp.zeros((batch,), jnp.int32),
