@@ -18,7 +18,8 @@ from coreinfer_jax.runtime import offload
 from coreinfer_jax.runtime.batching import DTYPES
 
 FLAGS = flags.FLAGS
-CORE_FLAGS = ["method", "cluster_dir", "core_placement", "core_sharing", "top_m"] + list(SPEC_SETTINGS)
+CORE_FLAGS = (["method", "cluster_dir", "core_placement", "core_sharing", "top_m"]
+              + list(SPEC_SETTINGS))
 
 
 def define_model_flags() -> None:

@@ -224,8 +224,8 @@ def main(argv):
       hf_seconds[name].append(reference.hf_generate_seconds(hf, prompts[0], s["decode_steps"],
                                                             reference.torch_device()))
       decode_seconds = hf_seconds[name][-1][0] - hf_seconds[name][-1][1]
-      line.append(f"{REFERENCES[name]} {s['decode_steps'] / decode_seconds:.2f}" if decode_seconds > 0
-                  else f"{REFERENCES[name]} below its first token's noise")
+      line.append(f"{REFERENCES[name]} {s['decode_steps'] / decode_seconds:.2f}"
+                  if decode_seconds > 0 else f"{REFERENCES[name]} below its first token's noise")
     print(f"round {r} tokens/s: " + ", ".join(line))
 
   hf_tps = {name: rounds.per_second(s["decode_steps"], rounds.difference(
@@ -274,7 +274,8 @@ def _references(model_path, s, dtype_name, offload_dir):
                if s["shape"] else {})
   hf_models, tiers = {}, None
   if "hf" in wanted:
-    hf_models["hf"] = reference.hf_model(model_path, hf_config, dtype_name, reference.torch_device())
+    hf_models["hf"] = reference.hf_model(model_path, hf_config, dtype_name,
+                                         reference.torch_device())
   if "hf_offload" in wanted:
     hf_models["hf_offload"], tiers = reference.hf_offloaded(
         reference.hf_model(model_path, hf_config, dtype_name),
@@ -310,9 +311,10 @@ def _run(variant, gen, stats, tps, dense_step_bytes, limit, dense_tps, hf_tps, b
   step_bytes = stats[0].decode_weight_bytes_per_device
   token_bytes, verify_record = step_bytes, {"verify": 0}
   if variant.verify:
+    counters = ("verify_rounds", "drafts_accepted", "batch_accepted", "draft_seconds",
+                "verify_seconds")
     verify_record = verifying.verify_record(variant.verify, batch_size, **{
-        name: sum(getattr(st, name) for st in stats) for name in (
-            "verify_rounds", "drafts_accepted", "batch_accepted", "draft_seconds", "verify_seconds")})
+        name: sum(getattr(st, name) for st in stats) for name in counters})
     token_bytes = ((variant.verify * step_bytes + dense_step_bytes)
                    / (verify_record["mean_accepted_per_verify"] + 1))
   achieved = rounds.scaled(tps, token_bytes / 1e9)
@@ -394,8 +396,8 @@ def _report(plain, figures, prefill, prompt_len, round_count, hf_tps):
     if tps.reason:
       lines.append(rounds.describe(REFERENCES[ref], tps, 2, " tokens/s"))
     else:
-      lines.append(f"{rounds.describe('speedup vs ' + REFERENCES[ref], figures['speedup_vs_' + ref], 2, 'x')} "
-                   f"({_spread(tps, 2, ' tokens/s')})")
+      speedup = rounds.describe("speedup vs " + REFERENCES[ref], figures["speedup_vs_" + ref], 2, "x")
+      lines.append(f"{speedup} ({_spread(tps, 2, ' tokens/s')})")
   over = "one round" if round_count == 1 else f"min/median/max over {round_count} rounds"
   print(f"{name} ({over}):\n  " + "\n  ".join(lines))
 

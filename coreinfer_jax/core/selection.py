@@ -153,9 +153,11 @@ def token_core_counts(scores_BTF: jax.Array, real_BT: jax.Array, alpha: float,
   m_BT = jnp.where(real, m_B[:, None], 0)   # pad tokens choose nothing
   if top_m == "bisection":
     return _counts_by_bisection(scores_BTF, m_BT)
+  F = scores_BTF.shape[-1]
   if top_m == "top_k":   # m <= α·F; one more covers float32 rounding
-    return _counts_by_top_k(scores_BTF, m_BT, min(scores_BTF.shape[-1], int(alpha * scores_BTF.shape[-1]) + 1))
-  raise ValueError(f"unknown top-m algorithm {top_m!r}; choose one of {', '.join(TOP_M_ALGORITHMS)}")
+    return _counts_by_top_k(scores_BTF, m_BT, min(F, int(alpha * F) + 1))
+  raise ValueError(f"unknown top-m algorithm {top_m!r}; choose one of "
+                   f"{', '.join(TOP_M_ALGORITHMS)}")
 
 
 def token_scores(values: NeuronValues, scoring: str) -> jax.Array:
