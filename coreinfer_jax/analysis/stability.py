@@ -16,7 +16,7 @@ import numpy as np
 
 from coreinfer_jax.core import selection
 from coreinfer_jax.core.policy import Stability
-from coreinfer_jax.core.spec import CoreSpec
+from coreinfer_jax.core.spec import TOKEN_WISE_SCORINGS, CoreSpec
 from coreinfer_jax.model.cache import KVCache
 from coreinfer_jax.model.config import ModelConfig
 from coreinfer_jax.model.ffn import NeuronValues
@@ -61,9 +61,9 @@ def stability(params: ModelParams, config: ModelConfig, prompt_ids: Sequence[Seq
   a random set of the same size k. Needs every layer sparsified in `spec`."""
   if any(k is None for k in spec.layer_k):
     raise ValueError("the stability analysis needs every layer's core set: use all layers")
-  if spec.scoring == "griffin":
-    raise ValueError("the stability analysis needs token-wise core neurons: scoring signed or "
-                     "magnitude")
+  if spec.scoring not in TOKEN_WISE_SCORINGS:
+    raise ValueError(f"the stability analysis needs token-wise core neurons: scoring "
+                     f"{', '.join(TOKEN_WISE_SCORINGS)}, not {spec.scoring}")
   F = config.intermediate_size
   bucket = max(len(p) for p in prompt_ids)
   tokens_BT, start_B = left_pad(prompt_ids, bucket)

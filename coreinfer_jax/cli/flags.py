@@ -18,8 +18,8 @@ from coreinfer_jax.runtime import offload
 from coreinfer_jax.runtime.batching import DTYPES
 
 FLAGS = flags.FLAGS
-CORE_FLAGS = (["method", "cluster_dir", "core_placement", "core_sharing", "top_m"]
-              + list(SPEC_SETTINGS))
+CORE_FLAGS = (["method", "cluster_dir", "core_placement", "core_sharing", "top_m", "importance",
+               "importance_weight"] + list(SPEC_SETTINGS))
 
 
 def define_model_flags() -> None:
@@ -80,6 +80,11 @@ def define_core_flags(with_method: bool = True) -> None:
     flags.DEFINE_enum("top_m", "bisection", list(TOP_M_ALGORITHMS), "how selection finds each "
                       "token's top m neurons (signed, magnitude): bisection (fastest on CPU) or "
                       "lax.top_k; the same core sets either way")
+    flags.DEFINE_string("importance", None, "stability: a model-global importance file "
+                        "(scripts/importance.py, same scoring and α) mixed with each prompt's "
+                        "keys")
+    flags.DEFINE_float("importance_weight", 0.5, "with --importance: its weight w in (1 − w) · "
+                       "the prompt's share + w · the global importance (0: the prompt's own set)")
   flags.DEFINE_string("beta", "0.4", "kept fraction of FFN neurons in each sparsified layer: "
                       "one value, or a comma list with one value per sparsified layer")
   flags.DEFINE_float("alpha", 0.2, "token-wise core fraction (signed, magnitude scorings)")

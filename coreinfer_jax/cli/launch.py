@@ -14,7 +14,7 @@ import signal
 import sys
 
 COMMANDS = ("analyze", "benchmark", "benchmark_scorer", "calibrate", "cluster", "evaluate",
-            "generate", "merge_results", "profile_decode")
+            "generate", "importance", "merge_results", "profile_decode")
 
 
 def _interrupted_while_starting(signum, frame):
@@ -33,5 +33,5 @@ def launch(name: str) -> None:
   importlib.import_module(f"coreinfer_jax.commands.{name}").entry()
 
 
-(analyze, benchmark, benchmark_scorer, calibrate, cluster, evaluate, generate, merge_results,
- profile_decode) = (functools.partial(launch, name) for name in COMMANDS)
+(analyze, benchmark, benchmark_scorer, calibrate, cluster, evaluate, generate, importance,
+ merge_results, profile_decode) = (functools.partial(launch, name) for name in COMMANDS)

@@ -7,8 +7,8 @@ import os
 
 from absl import flags
 
-from coreinfer_jax.core import methods
-from coreinfer_jax.core.policy import Dense, Similarity
+from coreinfer_jax.core import importance, methods
+from coreinfer_jax.core.policy import Dense, GlobalMix, Similarity, Stability
 from coreinfer_jax.eval import runners
 from coreinfer_jax.eval.scorer import CONTINUATION_BUCKETS, ContinuationScorer
 from coreinfer_jax.runtime.batching import DEFAULT_BUCKETS
@@ -32,6 +32,10 @@ def define_flags() -> None:
   flags.DEFINE_string("beta_file", None, "per-layer β file (scripts/calibrate.py)")
   flags.DEFINE_list("beta_file_scorings", [], "scorings for --beta_file (default: --scorings)")
   flags.DEFINE_string("cluster_dir", None, "similarity: the folder scripts/cluster.py wrote")
+  flags.DEFINE_string("importance", None, "a model-global importance file (scripts/importance.py): "
+                      "each stability and --beta_file setting of its scoring and α is also "
+                      "evaluated mixed with it at each of --importance_weights")
+  flags.DEFINE_list("importance_weights", ["0.5"], "with --importance: mix weights w in [0, 1]")
   flags.DEFINE_string("data_dir", None, "the shared data folder (see its SOURCES.md)")
   flags.DEFINE_integer("limit", None, "examples per multiple-choice and generation task")
   flags.DEFINE_integer("num_fewshot", 0, "few-shot examples (taken from the end of each file)")
@@ -56,6 +60,8 @@ def build_policies(config, fingerprint):
     label = "beta_file:" + os.path.splitext(os.path.basename(FLAGS.beta_file))[0]
     policies += runners.beta_file_methods(config, FLAGS.beta_file, label,
                                           FLAGS.beta_file_scorings or FLAGS.scorings, FLAGS.alpha)
+  if FLAGS.importance:
+    policies += _global_mixes(policies, config, fingerprint)
   if "similarity" in FLAGS.methods:
     if not FLAGS.cluster_dir:
       raise ValueError("--method=similarity needs --cluster_dir (built by scripts/cluster.py)")
@@ -65,6 +71,24 @@ def build_policies(config, fingerprint):
   if not policies:
     raise ValueError("no method to evaluate")
   return policies
+
+
+def _global_mixes(policies, config, fingerprint):
+  """Each stability-guided setting of the importance file's scoring and α,
+  mixed with it at each weight of --importance_weights."""
+  weights = importance.parse_weights(FLAGS.importance_weights)
+  loaded = importance.load(FLAGS.importance)
+  core = loaded.manifest["core"]
+  mixable = [p for p in policies if isinstance(p, Stability)
+             and (p.spec.scoring, p.spec.alpha) == (core["scoring"], core["alpha"])]
+  if not mixable:
+    raise ValueError(f"--importance {FLAGS.importance} was built for scoring {core['scoring']} "
+                     f"and α {core['alpha']}: no stability setting evaluated here has them")
+  for p in mixable:
+    importance.check_compatible(FLAGS.importance, loaded, config=config, fingerprint=fingerprint,
+                                spec=p.spec)
+  return [GlobalMix(p.spec, loaded, w, name=f"{p.name}/global={w:g}",
+                    family=f"{p.family}/global={w:g}") for p in mixable for w in weights]
 
 
 def scorer(m, policies) -> ContinuationScorer:

@@ -12,7 +12,6 @@ layer: an orbax checkpoint plus DIR/manifest.json (see coreinfer_jax/core/artefa
 """
 
 import dataclasses
-import datetime
 import os
 import sys
 import time
@@ -20,7 +19,7 @@ import time
 
 from absl import flags
 
-from coreinfer_jax.cli import app, models
+from coreinfer_jax.cli import app, dataset_pass, models
 from coreinfer_jax.cli import flags as cli_flags
 from coreinfer_jax.core import artefacts, methods
 from coreinfer_jax.core.spec import num_core_neurons
@@ -43,8 +42,7 @@ flags.DEFINE_float("holdout_fraction", 0.0, "leave this fraction of the texts ou
                    "split recorded in the manifest, for held-out evaluation)")
 flags.DEFINE_integer("split_seed", 0, "seed of the held-out split")
 flags.DEFINE_integer("seed", 0, "k-means seed")
-flags.DEFINE_boolean("resume", True, "reuse finished batches of an interrupted identical run")
-flags.DEFINE_boolean("progress", True, "show a progress bar")
+dataset_pass.define_flags()
 FLAGS = flags.FLAGS
 
 
@@ -96,12 +94,7 @@ def main(argv):
   key = clustering.run_key(m.fingerprint, dataclasses.asdict(plan), artefacts.spec_record(spec),
                            clustered.data_hash(), s["batch_size"], s["max_tokens"], s["dtype"])
   work_dir = os.path.join(FLAGS.out_dir, f".partial-{key}")
-  if not FLAGS.resume:
-    clustering.clear_work_dir(work_dir)
-  app.saved(work_dir)
-  stats = clustering.collect_statistics(m.params, m.config, token_ids, plan,
-                                        batch_size=s["batch_size"], work_dir=work_dir,
-                                        progress=FLAGS.progress)
+  stats = dataset_pass.collect(m, token_ids, plan, work_dir, s["batch_size"])
 
   t0 = time.perf_counter()
   points = clustering.multi_hot(stats.cluster_sets_NK, config.intermediate_size)
@@ -113,8 +106,7 @@ def main(argv):
   kmeans_seconds = time.perf_counter() - t0
   sizes = [int((fit.labels_ == c).sum()) for c in range(requested)]
   manifest = {
-      "model": {"path": m.path, "fingerprint": m.fingerprint,
-                "config": dataclasses.asdict(m.config)},
+      "model": dataset_pass.model_record(m),
       "core": artefacts.spec_record(spec),
       "cluster_layer": layer, "cluster_k": plan.cluster_k, "cluster_beta": cluster_beta,
       "num_clusters": requested, "num_clusters_from": "elbow" if inertia else "given",
@@ -125,20 +117,16 @@ def main(argv):
                   "holdout_fraction": FLAGS.holdout_fraction, "split_seed": FLAGS.split_seed,
                   "text_field": FLAGS.text_field, "max_tokens": s["max_tokens"]},
       "seed": FLAGS.seed, "batch_size": s["batch_size"], "dtype": s["dtype"],
-      "seconds": {"load": load_seconds, "prefill": stats.seconds, "kmeans": kmeans_seconds,
-                  "total": time.perf_counter() - t_start},
-      "batches": {"computed": stats.batches_computed, "resumed": stats.batches_resumed},
-      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      **dataset_pass.run_record(stats, {"load": load_seconds, "kmeans": kmeans_seconds}, t_start),
   }
   art = artefacts.ClusterArtefacts(fit.cluster_centers_.astype("float32"), sets,
                                    fit.labels_.astype("int32"), manifest)
   path = artefacts.save(FLAGS.out_dir, art)
   clustering.clear_work_dir(work_dir)
-  print(f"[{requested} clusters ({manifest['num_clusters_from']}) of sizes {sizes}; prefill "
-        f"{stats.seconds:.1f}s over {stats.batches_computed} batches ({stats.batches_resumed} "
-        f"resumed), k-means {kmeans_seconds:.1f}s; wrote {path}]", file=sys.stderr)
+  print(f"[{requested} clusters ({manifest['num_clusters_from']}) of sizes {sizes}; "
+        f"{dataset_pass.batches_line(stats)}, k-means {kmeans_seconds:.1f}s; wrote {path}]",
+        file=sys.stderr)
 
 
 def entry():
-  app.run(main, output_dirs=["out_dir"],
-          resume="rerun the same command (without --noresume) to reuse the finished batches")
+  app.run(main, output_dirs=["out_dir"], resume=dataset_pass.RESUME)

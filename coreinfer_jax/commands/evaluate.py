@@ -39,6 +39,8 @@ method_sets.define_flags()
 flags.DEFINE_list("tasks", ["wikitext", "piqa"], f"tasks: {', '.join(tasks.TASKS)}")
 flags.DEFINE_integer("generation_limit", None, "examples per generation task (default: --limit)")
 flags.DEFINE_integer("windows", 8, "wikitext: number of windows")
+flags.DEFINE_integer("skip_windows", 0, "wikitext: windows skipped at the start of the test file "
+                     "(choose settings on windows that a run with --skip_windows=0 then reports)")
 flags.DEFINE_integer("window_context", 256, "wikitext: context tokens per window (dense prefill)")
 flags.DEFINE_integer("window_continuation", 256, "wikitext: continuation tokens per window (scored)")
 flags.DEFINE_integer("window_batch", 1, "wikitext: windows prefilled and decoded together (> 1: "
@@ -64,7 +66,8 @@ def check_calibration_disjoint(beta_file: str, data_dir: str) -> None:
   wikitext = os.path.join(data_dir, "wikitext2_raw", "wiki.test.raw")
   if not isinstance(record, dict) or not os.path.exists(wikitext):
     return
-  evaluated_end = FLAGS.windows * (FLAGS.window_context + FLAGS.window_continuation)
+  evaluated_end = ((FLAGS.skip_windows + FLAGS.windows)
+                   * (FLAGS.window_context + FLAGS.window_continuation))
   evaluated_sha256 = file_sha256(wikitext)
   for source in (record.get("calibration"), record.get("holdout")):
     if not source or source.get("sha256") != evaluated_sha256:
@@ -73,7 +76,7 @@ def check_calibration_disjoint(beta_file: str, data_dir: str) -> None:
     start = source.get("skip_windows", 0) * size
     if not size or start < evaluated_end:
       raise ValueError(f"{beta_file} was calibrated on windows of {wikitext} from token {start} "
-                       f"on, which overlap the {FLAGS.windows} windows evaluated here (tokens 0 to "
+                       f"on, which overlap the windows evaluated here (tokens up to "
                        f"{evaluated_end}): calibrate on other text or skip past them")
 
 
@@ -118,7 +121,8 @@ def main(argv):
 def run_task(task, scorer, tokenizer):
   if task.kind == "perplexity":
     windows = tasks.text_windows(tokenizer, tasks.wikitext_text(FLAGS.data_dir),
-                                 FLAGS.window_context, FLAGS.window_continuation, FLAGS.windows)
+                                 FLAGS.window_context, FLAGS.window_continuation, FLAGS.windows,
+                                 FLAGS.skip_windows)
     if FLAGS.window_batch > 1:
       return runners.evaluate_batched_perplexity(scorer, windows, FLAGS.window_batch, task.name,
                                                  FLAGS.progress)
@@ -136,9 +140,9 @@ def run_task(task, scorer, tokenizer):
 # sha256, the cluster artefacts' id; the dtype as resolved on this machine.
 RESULT_SETTINGS = ["model", "methods", "betas", "scorings", "layer_sets", "core_blocks",
                    "core_sharings", "alpha", "beta_file", "beta_file_scorings", "buckets",
-                   "continuation_buckets", "cluster_dir",
-                   "limit", "generation_limit", "num_fewshot", "windows", "window_context",
-                   "window_continuation", "window_batch", "cache_len"]
+                   "continuation_buckets", "cluster_dir", "importance", "importance_weights",
+                   "limit", "generation_limit", "num_fewshot", "windows", "skip_windows",
+                   "window_context", "window_continuation", "window_batch", "cache_len"]
 
 
 def result_settings(fingerprint):
@@ -146,6 +150,7 @@ def result_settings(fingerprint):
               data_dir=os.path.abspath(FLAGS.data_dir),
               dtype=np.dtype(resolve_dtype(FLAGS.dtype)).name,
               beta_file_sha256=FLAGS.beta_file and file_sha256(FLAGS.beta_file),
+              importance_sha256=FLAGS.importance and file_sha256(FLAGS.importance),
               clusters=FLAGS.cluster_dir and artefacts.read_manifest(FLAGS.cluster_dir)["artefacts"])
 
 

@@ -23,6 +23,7 @@ from coreinfer_jax.cli import app, escapes, models
 from coreinfer_jax.cli import flags as cli_flags
 from coreinfer_jax.core import methods
 from coreinfer_jax.runtime import distributed, offload
+from coreinfer_jax.runtime import lossless
 from coreinfer_jax.runtime import verify as verifying
 from coreinfer_jax.runtime import prompts as prompt_encoding
 from coreinfer_jax.runtime.batching import DEFAULT_BUCKETS, pick_bucket, resolve_dtype
@@ -51,6 +52,9 @@ flags.DEFINE_integer("verify", 0, "lossless mode (sparse methods): the compact-F
                      "this many tokens, the dense model verifies them in one pass and keeps the "
                      "longest prefix it agrees with (greedy: exactly dense greedy decoding; "
                      "sampling: the dense distribution); 0: off")
+flags.DEFINE_integer("refresh", 0, "with --verify (stability): every this many kept tokens, add "
+                     "their dense FFN values (from the verify pass) to the prompt's ranking keys "
+                     "and re-gather the core sets (same k, no recompilation); 0: off")
 flags.DEFINE_boolean("preload_clusters", False, "similarity: gather every cluster's compact "
                      "FFNs at start (default: each on first use)")
 flags.DEFINE_boolean("time_selection", True, "sparse methods: time the selecting prefill "
@@ -121,17 +125,19 @@ def main(argv):
   core = policy.spec
   offload.check_offload(FLAGS.offload_ffn, core is not None, s["tp"], FLAGS.offload_gather)
   verifying.check_verify(FLAGS.verify, core is not None, s["tp"] > 1, FLAGS.offload_ffn)
+  lossless.check_refresh(FLAGS.refresh, FLAGS.verify, policy)
   tokenizer = checkpoint.load_tokenizer(checkpoint.model_path(FLAGS.model))
   prompt_ids = _encode_all(tokenizer, prompts, s)
   m, load_seconds = models.load(FLAGS.model, resolve_dtype(s["dtype"]), with_tokenizer=False)
   m = dataclasses.replace(m, tokenizer=tokenizer)
   print(f"[loaded {m.path} in {load_seconds:.1f}s]", file=sys.stderr)
   if core:
-    print(f"[{s['method']}: {core.summary()}]", file=sys.stderr)
+    print(f"[{s['method']}: {policy.core_summary()}]", file=sys.stderr)
   gen = Generator(m.config, m.params, m.tokenizer, cache_len=s["cache_len"], sampling=sampling,
                   seed=s["seed"], policy=policy, preload=FLAGS.preload_clusters,
                   time_selection=FLAGS.time_selection, mesh=mesh, offload_ffn=FLAGS.offload_ffn,
-                  offload_gather=FLAGS.offload_gather, verify=FLAGS.verify)
+                  offload_gather=FLAGS.offload_gather, verify=FLAGS.verify,
+                  refresh=FLAGS.refresh)
   records = []
   for prompt, ids in zip(prompts, prompt_ids):
     if stream:   # a chat answer is a turn of its own, not the prompt's continuation
@@ -160,10 +166,10 @@ def main(argv):
         "core_device_load": stats.core_device_load,
         "memory": stats.memory,
         "cluster_id": None if stats.cluster_ids is None else stats.cluster_ids[0],
-        **(stats.verify_record(gen.verify, 1) if gen.verify else {}),
+        **(stats.verify_record(gen.verify, 1, gen.lossless.refresh) if gen.verify else {}),
     })
-    app.write_json(json_out, _payload(records, len(prompts), m.path, s["method"], core,
-                                            load_seconds, gen))   # saved before it is reported
+    app.write_json(json_out, _payload(records, len(prompts), m.path, s["method"], policy,
+                                      load_seconds, gen))   # saved before it is reported
     print(f"[prompt {result.prompt_tokens} tokens, "
           + ("" if selection_rounds == 1 else f"min/median/max over {selection_rounds} rounds: ")
           + rounds.describe("prefill", timing.prefill, 1, " ms", 1e3)
@@ -178,11 +184,11 @@ def main(argv):
         f"load {load_seconds:.1f}s]", file=sys.stderr)
 
 
-def _payload(records, num_prompts, path, method, core, load_seconds, gen):
+def _payload(records, num_prompts, path, method, policy, load_seconds, gen):
   """The JSON: one prompt's record, or every finished prompt's under "results"
   (rewritten after each prompt, so an interrupted run keeps them)."""
   payload = dict(records[0]) if num_prompts == 1 else {"results": records}
-  payload.update(model=path, method=method, core=core.summary() if core else None,
+  payload.update(model=path, method=method, core=policy.core_summary(),
                  load_seconds=load_seconds, compile_seconds=dict(gen.compiled.compile_seconds),
                  decode_compiles=gen.compiled.compiles["decode"], tp=gen.mesh.size if gen.mesh else 1,
                  core_placement=gen.core_placement)

@@ -96,7 +96,7 @@ def main(argv):
   report["in_step"] = _report_in_step(in_step, s["pipelined_steps"], kinds)
   app.write_json(FLAGS.json_out, {
       "model": m.path, "random_weights": bool(s["shape"]), "method": s["method"],
-      "core": None if policy.spec is None else policy.spec.summary(),
+      "core": policy.core_summary(),
       "dtype": np.dtype(resolve_dtype(s["dtype"])).name, "cache_len": s["cache_len"],
       "prompt_len": s["prompt_len"], "repeats": s["repeats"],
       "limits_gb_per_s": {n: rounds.fields("gb_per_s", f) for n, f in limits.items()},

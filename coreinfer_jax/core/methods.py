@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-from coreinfer_jax.core import artefacts
-from coreinfer_jax.core.policy import CorePolicy, Dense, Similarity, Stability
+from coreinfer_jax.core import artefacts, importance
+from coreinfer_jax.core.policy import CorePolicy, Dense, GlobalMix, Similarity, Stability
 from coreinfer_jax.core.spec import CORE_PLACEMENTS, CoreSpec, core_spec, parse_beta
 from coreinfer_jax.model.config import ModelConfig
 
@@ -54,17 +54,34 @@ def load_clusters(cluster_dir: str, config: ModelConfig, fingerprint: Optional[s
   return art
 
 
+def load_importance(path: str, config: ModelConfig, fingerprint: Optional[str],
+                    spec: CoreSpec) -> importance.GlobalImportance:
+  """The importance file at `path`, checked against the model and the core
+  settings (small arrays: before any weights load)."""
+  loaded = importance.load(path)
+  importance.check_compatible(path, loaded, config=config, fingerprint=fingerprint, spec=spec)
+  return loaded
+
+
 def policy_for(method: str, settings: Mapping[str, Any], config: ModelConfig, *,
                cluster_dir: Optional[str] = None, fingerprint: Optional[str] = None,
                beta: Optional[str] = None) -> CorePolicy:
-  """The policy of a method name (`METHODS`) with the core settings."""
+  """The policy of a method name (`METHODS`) with the core settings; with
+  settings["importance"] (a file), stability mixes it in at
+  settings["importance_weight"]."""
   check_method(method)
   if method != "similarity" and cluster_dir:
     raise ValueError(f"--cluster_dir is only used by --method=similarity, not {method}")
+  importance_file = settings.get("importance")
+  if importance_file and method != "stability":
+    raise ValueError(f"--importance is only used by --method=stability, not {method}")
   if method == "dense":
     return Dense()
   spec = spec_for(settings, config, beta)
   if method == "stability":
+    if importance_file:
+      weight = importance.check_weight(settings["importance_weight"])
+      return GlobalMix(spec, load_importance(importance_file, config, fingerprint, spec), weight)
     return Stability(spec)
   if not cluster_dir:
     raise ValueError("--method=similarity needs --cluster_dir (built by scripts/cluster.py)")

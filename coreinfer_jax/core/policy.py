@@ -10,26 +10,32 @@ else of it, so a new method is a new subclass:
 - `Dense`: no selection, the dense FFN.
 - `Stability`: the prompt's own core sets (CoreInfer's stability-guided rule;
   also a calibrated per-layer β file).
+- `GlobalMix`: the prompt's ranking keys mixed with a model-global importance
+  computed offline (GLASS-style).
 - `Similarity`: the prompt's nearest offline cluster's sets.
 """
 
 from __future__ import annotations
 
 import abc
+import copy
 import dataclasses
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 
-from coreinfer_jax.core import clusters, store
+from coreinfer_jax.core import clusters, selection, store
 from coreinfer_jax.core.artefacts import ClusterArtefacts
+from coreinfer_jax.core.importance import GlobalImportance, check_weight
 from coreinfer_jax.core.gather import CoreGather, CoreSets
 from coreinfer_jax.core.spec import CoreSpec
-from coreinfer_jax.core.taps import RankRequest, Rankings, merge_requests, ranking_tap, take_core
+from coreinfer_jax.core.taps import (RankRequest, Rankings, merge_requests, order, ranking_tap,
+                                     take_core)
 from coreinfer_jax.model.forward import Tap
 
 Requests = Tuple[Optional[RankRequest], ...]   # per model layer
+Keys = Tuple[jax.Array, jax.Array]   # one layer's ranking keys (primary, secondary), [B, F] each
 
 
 class CorePolicy(abc.ABC):
@@ -61,11 +67,13 @@ class CorePolicy(abc.ABC):
       return store.DenseStore()
     return store.GatherStore(compiled, self.spec.layer_k, core_gather)
 
+  def core_summary(self) -> Optional[dict]:
+    """The `"core"` record of the scripts' JSON (None: the policy decodes dense)."""
+    return None if self.spec is None else self.spec.summary()
+
   def summary(self) -> dict:
-    record = {"method": self.name, "kind": self.kind, "family": self.family}
-    if self.spec is not None:
-      record.update(self.spec.summary())
-    return record
+    return {"method": self.name, "kind": self.kind, "family": self.family,
+            **(self.core_summary() or {})}
 
 
 class Dense(CorePolicy):
@@ -77,21 +85,86 @@ class Dense(CorePolicy):
 
 
 class Stability(CorePolicy):
-  """Each prompt's own core sets, chosen by `spec`'s rule in the prefill."""
+  """Each prompt's own core sets, chosen by `spec`'s rule in the prefill.
+  `with_key_output()`: the same sets, plus each layer's ranking keys in the
+  prefill's outputs ("ranking_keys"), from which `sets_from_keys` re-ranks
+  after more tokens (`--refresh`)."""
+
+  output_keys = False   # the prefill returns the ranking keys too
 
   def __init__(self, spec: CoreSpec, name: str = "stability", kind: str = "stability",
                family: str = ""):
     super().__init__(name, kind, family, spec)
 
+  @property
+  def ranks_keys(self) -> bool:
+    """Whether the sets are ranked here from the keys, not by the prefill's tap."""
+    return self.output_keys
+
+  def with_key_output(self) -> "Stability":
+    policy = copy.copy(self)
+    policy.output_keys = True
+    return policy
+
   def requests(self, num_layers: int) -> Requests:
     spec = self.spec
     return tuple(None if k is None else RankRequest(spec.scoring, spec.alpha, k, spec.blocks,
-                                                    spec.shared, spec.top_m)
+                                                    spec.shared, spec.top_m, self.ranks_keys)
                  for k in spec.layer_k)
 
   def core_sets(self, rankings: Rankings, arrays: Any, batch: int):
     requests = self.requests(len(rankings))
-    return tuple(take_core(rankings, i, r) for i, r in enumerate(requests)), {}
+    if not self.ranks_keys:
+      return tuple(take_core(rankings, i, r) for i, r in enumerate(requests)), {}
+    keys = tuple(None if r is None else rankings[i][r.rule] for i, r in enumerate(requests))
+    return self.sets_from_keys(keys, arrays), {"ranking_keys": keys} if self.output_keys else {}
+
+  def ranking_keys(self, layer: int, keys_BF: Keys, arrays: Any) -> Keys:
+    """What a layer's core set is ranked by, from its ranking keys."""
+    return keys_BF
+
+  def sets_from_keys(self, keys: Tuple[Optional[Keys], ...], arrays: Any) -> CoreSets:
+    """Per layer int32 [B, k] (B = 1 when shared), or None: the rule over
+    per-layer ranking keys (`selection.core_statistics`), which are sums over
+    tokens: the prompt's, or the prompt's plus later tokens' (`--refresh`)."""
+    spec, sets = self.spec, []
+    for layer, k in enumerate(spec.layer_k):
+      if k is None:
+        sets.append(None)
+        continue
+      ranked = order(self.ranking_keys(layer, keys[layer], arrays), k, spec.blocks, spec.shared)
+      sets.append(ranked.reshape(ranked.shape[0], k))
+    return tuple(sets)
+
+
+class GlobalMix(Stability):
+  """Stability's rule with each prompt's primary ranking key replaced by
+  (1 − `weight`) · its share + `weight` · the layer's global importance
+  (`selection.mix_importance`; GLASS, arXiv 2508.14302): the prefill's tap
+  returns the keys and the mix is ranked in the same compiled pass."""
+
+  def __init__(self, spec: CoreSpec, importance: GlobalImportance, weight: float,
+               name: str = "", family: str = ""):
+    self.weight = check_weight(weight)
+    name = name or f"stability/global={self.weight:g}"
+    super().__init__(spec, name=name, kind="global_mix", family=family)
+    self.importance = importance
+
+  @property
+  def ranks_keys(self) -> bool:
+    return True
+
+  def arrays(self) -> Any:
+    return tuple(None if k is None else jnp.asarray(self.importance.layer_importance[i])
+                 for i, k in enumerate(self.spec.layer_k))
+
+  def ranking_keys(self, layer: int, keys_BF: Keys, arrays: Any) -> Keys:
+    primary_BF, secondary_BF = keys_BF
+    return selection.mix_importance(primary_BF, arrays[layer], self.weight), secondary_BF
+
+  def core_summary(self) -> dict:
+    return dict(super().core_summary(), importance_weight=self.weight,
+                importance_data=self.importance.manifest["dataset"]["source"])
 
 
 class Similarity(CorePolicy):

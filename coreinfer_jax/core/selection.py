@@ -12,9 +12,12 @@ Stability rule (GUIDE §1, faithful to the official code for `signed`):
    summed over real tokens (this fills k when fewer than k neurons were ever
    core), then by index; the first k are kept.
 `signed` scores s = the neuron value (for ReLU FFNs the fc1 output before the
-ReLU, as the official code); `magnitude` scores s = |h|. `griffin` ranks
-neurons by the norm over tokens of each token's L2-normalised h (GRIFFIN; ranked by
-its square, a sum over tokens).
+ReLU, as the official code); `magnitude` scores s = |h|; `wina` scores
+s = |h|·c with c the neuron's down-projection column norm ||down[:, i]||₂
+(WINA, arXiv 2505.19427: the size of the neuron's contribution to the
+block's output, not of its activation alone). `griffin` ranks neurons by the
+norm over tokens of each token's L2-normalised h (GRIFFIN; ranked by its
+square, a sum over tokens); `wina_griffin` is the same over h·c.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from coreinfer_jax.core.spec import TOP_M_ALGORITHMS
+from coreinfer_jax.core.spec import TOKEN_WISE_SCORINGS, TOP_M_ALGORITHMS
 from coreinfer_jax.model.ffn import NeuronValues
 
 
@@ -161,30 +164,40 @@ def token_core_counts(scores_BTF: jax.Array, real_BT: jax.Array, alpha: float,
 
 
 def token_scores(values: NeuronValues, scoring: str) -> jax.Array:
-  """What the token-wise top-m ranks (`signed`, `magnitude`): the neuron value
-  (before the ReLU for ReLU FFNs), or |h|."""
+  """What the token-wise top-m ranks (`TOKEN_WISE_SCORINGS`): the neuron
+  value (before the ReLU for ReLU FFNs), |h|, or |h|·||down[:, i]||."""
   if scoring == "signed":
     return values.values
   if scoring == "magnitude":
     return jnp.abs(values.h)
-  raise ValueError(f"scoring {scoring!r} has no token-wise core neurons")
+  if scoring == "wina":
+    return jnp.abs(values.h).astype(jnp.float32) * values.out_norms
+  raise ValueError(f"scoring {scoring!r} has no token-wise core neurons; those that do: "
+                   f"{', '.join(TOKEN_WISE_SCORINGS)}")
+
+
+def _griffin_statistics(h_BTF: jax.Array, real_BT1: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """(sum over real tokens of each token's L2-normalised h squared, 0)."""
+  norms_BT1 = jnp.sqrt(jnp.sum(h_BTF * h_BTF, axis=-1, keepdims=True))
+  normalised = jnp.where(real_BT1, h_BTF / jnp.maximum(norms_BT1, 1e-30), 0.0)
+  squares_BF = jnp.sum(normalised * normalised, axis=1)
+  return squares_BF, jnp.zeros_like(squares_BF)
 
 
 def core_statistics(values: NeuronValues, real_BT: jax.Array, *, scoring: str,
                     alpha: float, top_m: str = "bisection") -> Tuple[jax.Array, jax.Array]:
   """Per-neuron ranking keys (primary [B, F], secondary [B, F]): the core
   neurons are the k first by (primary, secondary) descending, then by index.
-  Signed and magnitude: (token-wise core count, score summed over real tokens);
-  GRIFFIN: (sum over tokens of each token's L2-normalised h squared, 0). Both
+  Token-wise scorings (signed, magnitude, wina): (token-wise core count,
+  score summed over real tokens); griffin and wina_griffin: (sum over tokens
+  of each token's L2-normalised h, or h·||down[:, i]||, squared, 0). Both
   keys are sums over tokens, so summing them over several sentences ranks the
   neurons of all their tokens together (a cluster's core set)."""
   real = real_BT[..., None]
   if scoring == "griffin":
-    h = values.h.astype(jnp.float32)
-    norms_BT1 = jnp.sqrt(jnp.sum(h * h, axis=-1, keepdims=True))
-    normalised = jnp.where(real, h / jnp.maximum(norms_BT1, 1e-30), 0.0)
-    squares_BF = jnp.sum(normalised * normalised, axis=1)
-    return squares_BF, jnp.zeros_like(squares_BF)
+    return _griffin_statistics(values.h.astype(jnp.float32), real)
+  if scoring == "wina_griffin":
+    return _griffin_statistics(values.h.astype(jnp.float32) * values.out_norms, real)
   scores = token_scores(values, scoring)
   summed_BF = jnp.sum(jnp.where(real, scores.astype(jnp.float32), 0.0), axis=1)
   return token_core_counts(scores, real_BT, alpha, top_m), summed_BF
@@ -195,3 +208,11 @@ def select_core(values: NeuronValues, real_BT: jax.Array, *, k: int, scoring: st
   """One layer's core neurons `int32 [B, k]` from its neuron values."""
   return rank_neurons(k, *core_statistics(values, real_BT, scoring=scoring, alpha=alpha,
                                           top_m=top_m))
+
+
+def mix_importance(primary_BF: jax.Array, importance_F: jax.Array, weight: float) -> jax.Array:
+  """float32 [B, F]: (1 − weight) · each sequence's share of its primary key
+  + weight · the model-global importance (`core.importance`, summing to 1)."""
+  primary = primary_BF.astype(jnp.float32)
+  shares = primary / jnp.maximum(jnp.sum(primary, axis=-1, keepdims=True), 1e-30)
+  return (1.0 - weight) * shares + weight * importance_F.astype(jnp.float32)

@@ -13,7 +13,12 @@ from typing import Optional, Sequence, Tuple, Union
 
 from coreinfer_jax import files
 
-SCORINGS = ("signed", "magnitude", "griffin")
+# signed, magnitude, wina: the stability rule over each token's top-m neurons
+# by the value, |h|, or |h|·||down[:, i]|| (WINA's weight-aware criterion);
+# griffin, wina_griffin: GRIFFIN's sum of per-token normalised squares of h,
+# or of h·||down[:, i]|| (`selection` has the exact rules).
+SCORINGS = ("signed", "magnitude", "griffin", "wina", "wina_griffin")
+TOKEN_WISE_SCORINGS = ("signed", "magnitude", "wina")
 CORE_PLACEMENTS = ("local", "global")
 CORE_SHARINGS = ("per_sequence", "shared")
 # How selection finds each token's top m (the same sets either way, tested):

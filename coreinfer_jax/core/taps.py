@@ -5,7 +5,9 @@ dense pass. Two kinds serve every caller:
 - `ranking_tap(requests)`: per layer, for each (scoring, α) asked there, the
   neurons ranked by the selection rule, `int32 [B, k_max]` (k_max: the
   largest k asked for that (scoring, α)). A smaller k's core set is a prefix
-  of that order, so one ranking serves every policy of a run.
+  of that order, so one ranking serves every policy of a run. A request with
+  `keys` gets the ranking keys instead, for a policy that changes them
+  before ranking (`order` ranks them as the tap would).
 - `statistics_tap(scoring, alpha, layers)`: the ranking keys themselves
   (`selection.core_statistics`), which sum over sentences (clusters).
 """
@@ -13,7 +15,7 @@ dense pass. Two kinds serve every caller:
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -26,23 +28,28 @@ from coreinfer_jax.model.ffn import NeuronValues
 class RankRequest:
   """One layer's core set asked of the prefill: the k first by `scoring`,
   k/blocks from each neuron block, one set per sequence or (`shared`) one
-  for the batch, the token-wise top-m found by `top_m` (`core.spec.CoreSpec`)."""
+  for the batch, the token-wise top-m found by `top_m` (`core.spec.CoreSpec`).
+  `keys`: the tap returns the per-sequence ranking keys (primary [B, F],
+  secondary [B, F]) instead of an order."""
   scoring: str
   alpha: float
   k: int
   blocks: int = 1
   shared: bool = False
   top_m: str = "bisection"
+  keys: bool = False
 
   @property
-  def rule(self) -> Tuple[str, float, int, bool, str]:
-    return self.scoring, self.alpha, self.blocks, self.shared, self.top_m
+  def rule(self) -> "Rule":
+    return self.scoring, self.alpha, self.blocks, self.shared, self.top_m, self.keys
 
 
+Rule = Tuple[str, float, int, bool, str, bool]
 # Per model layer, the requests at that layer (empty: nothing ranked there).
 LayerRequests = Tuple[Tuple[RankRequest, ...], ...]
-# Per model layer, {rule: int32 [B, blocks, k_max / blocks]} (B = 1 when shared).
-Rankings = Tuple[Dict[Tuple[str, float, int, bool, str], jax.Array], ...]
+# Per model layer, {rule: int32 [B, blocks, k_max / blocks]} (B = 1 when
+# shared), or for a `keys` rule (primary [B, F], secondary [B, F]).
+Rankings = Tuple[Dict[Rule, Any], ...]
 
 
 def merge_requests(num_layers: int, *per_policy: Sequence[Optional[RankRequest]]) -> LayerRequests:
@@ -55,21 +62,27 @@ def ranking_tap(requests: LayerRequests):
   """A tap returning, per layer, each asked rule's ranking `[B, k_max]`."""
   wanted = []
   for layer_requests in requests:
-    k_max: Dict[Tuple[str, float, int, bool, str], int] = {}
+    k_max: Dict[Rule, int] = {}
     for r in layer_requests:
       k_max[r.rule] = max(k_max.get(r.rule, 0), r.k)
     wanted.append(k_max)
 
-  def rank(values: NeuronValues, real_BT: jax.Array, rule, k: int) -> jax.Array:
-    scoring, alpha, blocks, shared, top_m = rule
+  def rank(values: NeuronValues, real_BT: jax.Array, rule: Rule, k: int):
+    scoring, alpha, blocks, shared, top_m, keys_only = rule
     keys = selection.core_statistics(values, real_BT, scoring=scoring, alpha=alpha, top_m=top_m)
-    if shared:   # the keys are sums over tokens: summed over the batch, they rank all its tokens
-      keys = tuple(jnp.sum(key, axis=0, keepdims=True) for key in keys)
-    return selection.rank_in_blocks(k // blocks, blocks, *keys)
+    return keys if keys_only else order(keys, k, blocks, shared)
 
   def tap(layer: int, values: NeuronValues, real_BT: jax.Array):
     return {rule: rank(values, real_BT, rule, k) for rule, k in wanted[layer].items()}
   return tap
+
+
+def order(keys_BF: Tuple[jax.Array, jax.Array], k: int, blocks: int, shared: bool) -> jax.Array:
+  """int32 [B, blocks, k / blocks] (B = 1 when `shared`): the neurons ranked
+  by the keys, k/blocks from each block."""
+  if shared:   # the keys are sums over tokens: summed over the batch, they rank all its tokens
+    keys_BF = tuple(jnp.sum(key, axis=0, keepdims=True) for key in keys_BF)
+  return selection.rank_in_blocks(k // blocks, blocks, *keys_BF)
 
 
 def take_core(rankings: Rankings, layer: int, request: Optional[RankRequest]) -> Optional[jax.Array]:

@@ -36,6 +36,12 @@ from flax import struct
 from coreinfer_jax.model.config import ModelConfig
 
 
+def _column_norms(down: jax.Array, axis: int) -> jax.Array:
+  """float32 L2 norms of `down` along its model-width `axis`."""
+  down = down.astype(jnp.float32)
+  return jnp.sqrt(jnp.sum(down * down, axis=axis))
+
+
 @struct.dataclass
 class FFNParams:
   """Weights shared by the batch; every `F` axis has N neurons (F dense, k compact)."""
@@ -60,6 +66,11 @@ class FFNParams:
 
   def keep(self, h_BTN: jax.Array) -> jax.Array:
     return h_BTN
+
+  def out_norms(self) -> jax.Array:
+    """float32 [N]: each neuron's down-projection column norm ||down[:, i]||₂,
+    shaped to scale a `[B, T, N]` activation."""
+    return _column_norms(self.down_DF, axis=0)
 
   @jax.named_scope("ffn_out")
   def project_out(self, h_BTN: jax.Array) -> jax.Array:
@@ -95,6 +106,10 @@ class PerSequenceFFN:
   def keep(self, h_BTK: jax.Array) -> jax.Array:
     return h_BTK
 
+  def out_norms(self) -> jax.Array:
+    """float32 [B, 1, k]: each sequence's neurons' down-projection column norms."""
+    return _column_norms(self.down_BDK, axis=1)[:, None, :]
+
   @jax.named_scope("ffn_out")
   def project_out(self, h_BTK: jax.Array) -> jax.Array:
     out = jnp.einsum("btk,bdk->btd", h_BTK, self.down_BDK)
@@ -115,6 +130,9 @@ class MaskedFFN:
   def keep(self, h_BTF: jax.Array) -> jax.Array:
     return h_BTF * self.keep_BF[:, None, :].astype(h_BTF.dtype)
 
+  def out_norms(self) -> jax.Array:
+    return self.dense.out_norms()
+
   def project_out(self, h_BTF: jax.Array) -> jax.Array:
     return self.dense.project_out(h_BTF)
 
@@ -128,9 +146,13 @@ class NeuronValues(NamedTuple):
   `values` is what the paper's signed rule ranks (h for gated FFNs; for ReLU
   FFNs the fc1 output before the ReLU, as the official code); `h` is the
   activation itself (what magnitude and GRIFFIN rank). For gated FFNs they
-  are the same array."""
+  are the same array. `out_norms` is each neuron's down-projection column
+  norm, broadcastable to `[B, T, N]` (what the weight-aware scorings scale
+  |h| by: a neuron's contribution to the block's output is h·down[:, i]).
+  Only a scoring that reads it costs anything: XLA drops it otherwise."""
   values: jax.Array
   h: jax.Array
+  out_norms: jax.Array
 
 
 # The gate's activation of each gated `ModelConfig.ffn_activation`.
@@ -142,9 +164,9 @@ def neuron_values(config: ModelConfig, ffn: FFN, x_BTD: jax.Array) -> NeuronValu
   up, gate = ffn.project_in(x_BTD)
   with jax.named_scope("ffn_activation"):
     if config.ffn_activation == "relu":
-      return NeuronValues(up, jax.nn.relu(up))
+      return NeuronValues(up, jax.nn.relu(up), ffn.out_norms())
     h = _GATE_ACTIVATIONS[config.ffn_activation](gate) * up
-    return NeuronValues(h, h)
+    return NeuronValues(h, h, ffn.out_norms())
 
 
 def ffn_output(ffn: FFN, h_BTN: jax.Array) -> jax.Array:

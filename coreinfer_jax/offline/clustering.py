@@ -51,12 +51,13 @@ def default_cluster_layer(num_layers: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class StatisticsPlan:
   """What `collect_statistics` computes: ranking keys at `layers`, and each
-  text's core set of `cluster_k` neurons at `cluster_layer` (one of `layers`)."""
+  text's core set of `cluster_k` neurons at `cluster_layer` (one of `layers`;
+  None: no core sets, the keys only)."""
   scoring: str
   alpha: float
   layers: Tuple[int, ...]
-  cluster_layer: int
-  cluster_k: int
+  cluster_layer: Optional[int] = None
+  cluster_k: int = 0
 
   @classmethod
   def for_spec(cls, spec: CoreSpec, cluster_layer: int, cluster_k: int) -> "StatisticsPlan":
@@ -80,13 +81,16 @@ class TextStatistics:
 
 
 def statistics_fn(config: ModelConfig, plan: StatisticsPlan):
-  """(params, tokens [B, T], start [B]) -> (cluster-layer sets int32 [B, k],
+  """(params, tokens [B, T], start [B]) -> (cluster-layer sets int32 [B, k] (k = 0 without one),
   per layer of `plan.layers` (primary [B, F], secondary [B, F])). One dense pass."""
   tap = statistics_tap(plan.scoring, plan.alpha, plan.layers)
 
   def statistics(params: ModelParams, tokens_BT, start_B):
     _, _, stats = prefill(params, config, tokens_BT, start_B, tap, cache_len=tokens_BT.shape[1])
-    sets = selection.rank_neurons(plan.cluster_k, *stats[plan.cluster_layer])
+    if plan.cluster_layer is None:
+      sets = jnp.zeros((tokens_BT.shape[0], 0), jnp.int32)
+    else:
+      sets = selection.rank_neurons(plan.cluster_k, *stats[plan.cluster_layer])
     return sets, tuple(stats[i] for i in plan.layers)
   return statistics
 

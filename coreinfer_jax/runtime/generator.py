@@ -26,7 +26,7 @@ from coreinfer_jax.model.cache import KVCache
 from coreinfer_jax.model.config import ModelConfig
 from coreinfer_jax.model.forward import UseLayer, forward
 from coreinfer_jax.model.params import ModelParams
-from coreinfer_jax.runtime import core_placement
+from coreinfer_jax.runtime import core_placement, lossless
 from coreinfer_jax.runtime import mesh as meshes
 from coreinfer_jax.runtime import offload
 from coreinfer_jax.runtime import verify as verifying
@@ -65,6 +65,8 @@ class GenerationStats:
   batch_accepted: int = 0
   draft_seconds: float = 0.0
   verify_seconds: float = 0.0
+  refreshes: int = 0              # `Generator.refresh`: core sets re-ranked and re-gathered
+  refresh_seconds: float = 0.0
   cluster_ids: Optional[List[int]] = None   # similarity-guided: each sequence's cluster
 
   @property
@@ -79,10 +81,12 @@ class GenerationStats:
   def decode_tokens_per_second(self) -> float:
     return self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
 
-  def verify_record(self, num_draft: int, batch: int) -> dict:
-    """`runtime.verify.verify_record` of this run."""
-    return verifying.verify_record(num_draft, batch, self.verify_rounds, self.drafts_accepted,
-                                   self.batch_accepted, self.draft_seconds, self.verify_seconds)
+  def verify_record(self, num_draft: int, batch: int, refresh: int = 0) -> dict:
+    """`runtime.verify.verify_record` of this run, and its refreshes."""
+    return dict(verifying.verify_record(num_draft, batch, self.verify_rounds, self.drafts_accepted,
+                                        self.batch_accepted, self.draft_seconds,
+                                        self.verify_seconds),
+                refresh=refresh, refreshes=self.refreshes, refresh_seconds=self.refresh_seconds)
 
 
 def timed(clock: Callable[[], float], fn: Callable, *args) -> Tuple[Any, float]:
@@ -148,7 +152,8 @@ class Generator:
   memory (`runtime.offload`), their core rows gathered on `offload_gather`
   ("device" or "host"). `verify=N` (sparse policies) decodes losslessly: the
   compact-FFN model drafts N tokens, the dense model verifies them in one
-  pass (`runtime.verify`)."""
+  pass (`runtime.verify`); `refresh=R` (stability) re-ranks the core sets
+  every R kept tokens from the verify's dense values (`runtime.lossless`)."""
 
   def __init__(self, config: ModelConfig, params: ModelParams, tokenizer=None, *,
                cache_len: int = 1024, buckets: Sequence[int] = DEFAULT_BUCKETS,
@@ -156,13 +161,15 @@ class Generator:
                policy: CorePolicy = Dense(), preload: bool = False, time_selection: bool = False,
                selection_rounds: int = 3, clock: Callable[[], float] = time.perf_counter,
                mesh: Optional[Mesh] = None, offload_ffn: bool = False,
-               offload_gather: str = "device", verify: int = 0):
+               offload_gather: str = "device", verify: int = 0, refresh: int = 0):
     if policy.spec is not None and len(policy.spec.layer_k) != config.num_layers:
       raise ValueError(f"core spec for {len(policy.spec.layer_k)} layers, model has "
                        f"{config.num_layers}")
     offload.check_offload(offload_ffn, policy.spec is not None, 1 if mesh is None else mesh.size,
                           offload_gather)
     verifying.check_verify(verify, policy.spec is not None, mesh is not None, offload_ffn)
+    lossless.check_refresh(refresh, verify, policy)
+    policy = lossless.refreshing_policy(policy, refresh)
     self.verify = verify
     if mesh is not None:
       meshes.check_tensor_parallel(config, mesh.size)
@@ -198,8 +205,9 @@ class Generator:
     self._prefill = prefill_fn(config, cache_len, sampling, policy, mesh, use_layer)
     self._dense_prefill = prefill_fn(config, cache_len, sampling, Dense(), mesh, use_layer)
     self._decode = decode_fn(config, sampling, mesh)
-    self._draft = verifying.draft_fn(config, sampling, verify) if verify else None
-    self._verify = verifying.verify_fn(config, sampling) if verify else None
+    self.lossless = (lossless.LosslessRounds(config, sampling, verify, refresh, policy,
+                                             self.compiled, self.store, self._arrays, self.key,
+                                             clock) if verify else None)
     self.eos_ids = eos_ids(config, tokenizer)
 
   def encode(self, prompt: str, chat: bool = False) -> List[int]:
@@ -253,25 +261,6 @@ class Generator:
     return {kind: getattr(analysis, f"{kind}_size_in_bytes")
             for kind in ("argument", "output", "temp", "host_argument", "host_temp")}
 
-  def verify_round(self, decode_params: ModelParams, cache: KVCache, tokens_B: jax.Array,
-                   stats: Optional[GenerationStats] = None):
-    """One lossless round (`runtime.verify`): the compiled draft of N tokens
-    with `decode_params`, then the compiled dense verify with `self.params`.
-    Returns (emitted [B, N + 1] (the first a + 1 are this round's), a, each
-    sequence's accepted count [B], the next tokens [B], cache); with `stats`,
-    both are timed into it."""
-    clock = self.clock if stats is not None else (lambda: 0.0)
-    (drafts, q, cache), draft_seconds = timed(
-        clock, lambda *args: self.compiled("draft", self._draft, *args, donate_argnums=(1,)),
-        decode_params, cache, tokens_B, self.key)
-    out, verify_seconds = timed(
-        clock, lambda *args: self.compiled("verify", self._verify, *args, donate_argnums=(1,)),
-        self.params, cache, tokens_B, drafts, q, self.key)
-    if stats is not None:
-      stats.draft_seconds += draft_seconds
-      stats.verify_seconds += verify_seconds
-    return out
-
   def decode_hlo(self, params: ModelParams, cache: KVCache, tokens_B: jax.Array) -> str:
     """The compiled decode step's optimized HLO for these shapes (for profiling)."""
     return self.compiled.get("decode", self._decode, params, cache, tokens_B, self.key,
@@ -288,8 +277,8 @@ class Generator:
     t0 = time.perf_counter()
     compile_before = sum(self.compiled.compile_seconds.values())
     state = self._prefilled(params, *self.prefill_padded(params, tokens, start))
-    if self.verify:
-      jax.block_until_ready(self.verify_round(state.decode_params, state.cache, state.tokens_B))
+    if self.lossless:
+      self.lossless.warm_up(params, state)
     else:
       jax.block_until_ready(self.decode(state.decode_params, state.cache, state.tokens_B))
     self.recycle(state)   # the first real prompt gathers into these buffers
@@ -334,7 +323,7 @@ class Generator:
     self.compile_for(self.params, len(prompt_ids), self.bucket(prompt_ids, max_new_tokens))
     state = self.timed_prefill(prompt_ids, max_new_tokens, stats)
     t0 = self.clock()
-    decode = self._decode_verified if self.verify else self._decode_stepwise
+    decode = self._decode_lossless if self.lossless else self._decode_stepwise
     jax.block_until_ready(decode(state, tracker, max_new_tokens, stats))
     stats.decode_seconds = self.clock() - t0
     self.recycle(state)
@@ -358,24 +347,11 @@ class Generator:
 
   def verified_tokens(self, state: Prefilled, max_new_tokens: int,
                       stats: GenerationStats) -> Iterator[np.ndarray]:
-    """Lossless decoding: yields each new token of the batch `[B]`, the
-    prefill's first, then those of each draft-and-verify round, up to
-    `max_new_tokens`, counting the rounds into `stats`."""
-    tokens, cache = state.tokens_B, state.cache
-    yield np.asarray(tokens)
-    emitted = 1
-    while emitted < max_new_tokens:
-      out, a, accepted_B, tokens, cache = self.verify_round(state.decode_params, cache, tokens, stats)
-      a, out = int(a), np.asarray(out)
-      stats.verify_rounds += 1
-      stats.batch_accepted += a
-      stats.drafts_accepted += int(np.sum(accepted_B))
-      for column in range(min(a + 1, max_new_tokens - emitted)):
-        emitted += 1
-        stats.decode_steps += 1
-        yield out[:, column]
+    """Lossless decoding (`runtime.lossless`): yields each new token of the
+    batch `[B]`, up to `max_new_tokens`."""
+    return self.lossless.tokens(self.params, state, max_new_tokens, stats)
 
-  def _decode_verified(self, state: Prefilled, tracker: StopTracker, max_new_tokens: int,
+  def _decode_lossless(self, state: Prefilled, tracker: StopTracker, max_new_tokens: int,
                        stats: GenerationStats) -> None:
     """Lossless rounds until `max_new_tokens` or every sequence has stopped."""
     for tokens_B in self.verified_tokens(state, max_new_tokens, stats):

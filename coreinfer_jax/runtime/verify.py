@@ -33,9 +33,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from coreinfer_jax.core import selection
+from coreinfer_jax.core.spec import CoreSpec
 from coreinfer_jax.model.cache import KVCache
 from coreinfer_jax.model.config import ModelConfig
-from coreinfer_jax.model.forward import forward
+from coreinfer_jax.model.forward import forward, forward_tapped
 from coreinfer_jax.model.params import ModelParams
 from coreinfer_jax.runtime import mesh as meshes
 from coreinfer_jax.runtime.sampling import SamplingConfig, argmax, probabilities, sample
@@ -105,26 +107,46 @@ def _decisions(logits_BNV: jax.Array, drafts_BN: jax.Array, q_BNV: jax.Array,
   return accepted_BN, jnp.concatenate([emitted, corrections_BN1[:, N:]], axis=1)
 
 
-def verify_fn(config: ModelConfig, sampling: SamplingConfig, mesh: Optional[Mesh] = None):
+def verify_fn(config: ModelConfig, sampling: SamplingConfig, mesh: Optional[Mesh] = None,
+              refresh: Optional[CoreSpec] = None):
   """(dense params, cache after the draft, tokens [B], drafts [B, N], draft
   probabilities, key) -> (emitted int32 [B, N + 1] (the first a + 1 are
   this round's), a int32 [] (the batch's accepted count), accepted int32 [B]
-  (each sequence's own count), the next tokens [B], cache)."""
-  def verify(params: ModelParams, cache: KVCache, tokens_B, drafts_BN, q_BNV, key):
+  (each sequence's own count), the next tokens [B], cache).
+
+  With `refresh` (`--refresh`), it also takes the running ranking keys (per
+  layer (primary, secondary) [B, F], None for a dense layer) and returns them
+  with the kept positions' (t0, d1..da: now the dense history) added: the
+  dense pass's own neuron values, scored by `refresh`'s rule."""
+  layers = () if refresh is None else frozenset(refresh.sparse_layers)
+  tap = None if refresh is None else (lambda layer, values, real: values if layer in layers
+                                      else None)
+
+  def verify(params: ModelParams, cache: KVCache, tokens_B, drafts_BN, q_BNV, key, *keys):
     N = drafts_BN.shape[1]
     start = cache.length - N   # the draft wrote N slots; the dense pass rewrites them
     cache = cache.replace(length=start)
     chunk_BN1 = jnp.concatenate([tokens_B[:, None], drafts_BN], axis=1)
-    logits_BNV, cache = forward(params, config, cache, chunk_BN1)
+    logits_BNV, cache, values = forward_tapped(params, config, cache, chunk_BN1, tap)
     accepted_BN, emitted_BN1 = _decisions(logits_BNV, drafts_BN, q_BNV, sampling,
                                           jax.random.fold_in(jax.random.fold_in(key, _VERIFY), start))
     accepted_B = jnp.sum(jnp.cumprod(accepted_BN.astype(jnp.int32), axis=1), axis=1)
     a = jnp.min(accepted_B)
     next_B = jax.lax.dynamic_index_in_dim(emitted_BN1, a, axis=1, keepdims=False)
     cache = cache.replace(length=start + a + 1)
-    cache, out = meshes.constrain_outputs(mesh, cache, (emitted_BN1, a, accepted_B, next_B))
-    return out + (cache,)
+    out = (emitted_BN1, a, accepted_B, next_B)
+    if refresh is not None:
+      kept_BN1 = jnp.broadcast_to(jnp.arange(N + 1) <= a, chunk_BN1.shape)
+      out += (tuple(None if v is None else _added(k, selection.core_statistics(
+          v, kept_BN1, scoring=refresh.scoring, alpha=refresh.alpha, top_m=refresh.top_m))
+          for k, v in zip(keys[0], values)),)
+    cache, out = meshes.constrain_outputs(mesh, cache, out)
+    return out[:4] + (cache,) + out[4:]
   return verify
+
+
+def _added(a: Tuple[jax.Array, ...], b: Tuple[jax.Array, ...]) -> Tuple[jax.Array, ...]:
+  return tuple(x + y.astype(x.dtype) for x, y in zip(a, b))
 
 
 def verify_record(num_draft: int, batch: int, verify_rounds: int, drafts_accepted: int,

@@ -28,10 +28,13 @@ def reference_signed(h_TF: np.ndarray, k: int, alpha: float) -> np.ndarray:
   return np.concatenate([core, fill])[:k]
 
 
-def _select(values_BTF, real_BT, k, scoring="signed", alpha=0.2, relu=False, top_m="bisection"):
-  """`relu`: the values are a ReLU FFN's fc1 output (h = relu(values)), else SwiGLU's h."""
+def _select(values_BTF, real_BT, k, scoring="signed", alpha=0.2, relu=False, top_m="bisection",
+            out_norms_F=None):
+  """`relu`: the values are a ReLU FFN's fc1 output (h = relu(values)), else
+  SwiGLU's h; `out_norms_F`: the down-projection column norms (default 1)."""
   values = jnp.asarray(values_BTF)
-  neuron_values = NeuronValues(values, jax.nn.relu(values) if relu else values)
+  norms = jnp.ones(values.shape[-1]) if out_norms_F is None else jnp.asarray(out_norms_F)
+  neuron_values = NeuronValues(values, jax.nn.relu(values) if relu else values, norms)
   fn = jax.jit(selection.select_core, static_argnames=("k", "scoring", "alpha", "top_m"))
   return np.asarray(fn(neuron_values, jnp.asarray(real_BT), k=k, scoring=scoring, alpha=alpha,
                        top_m=top_m))
@@ -92,6 +95,48 @@ def test_griffin_matches_its_definition():
     np.testing.assert_array_equal(got[b], np.argsort(-score, kind="stable")[:12])
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_weight_aware_scorings_match_numpy_reference(seed):
+  """wina: the signed reference rule on |h|·c; wina_griffin: GRIFFIN's
+  definition on h·c, with c the down-projection column norms."""
+  rng = np.random.default_rng(10 + seed)
+  B, T, F, k, alpha = 2, 11, 64, 20, 0.3
+  values = rng.normal(size=(B, T, F)).astype(np.float32)
+  norms = rng.uniform(0.1, 3.0, size=F).astype(np.float32)
+  real = np.ones((B, T), bool)
+  real[1, :4] = False
+  wina = _select(values, real, k, "wina", alpha, out_norms_F=norms)
+  wina_griffin = _select(values, real, k, "wina_griffin", out_norms_F=norms)
+  for b in range(B):
+    weighted = values[b][real[b]] * norms
+    np.testing.assert_array_equal(wina[b], reference_signed(np.abs(weighted), k, alpha))
+    normalised = weighted / np.linalg.norm(weighted, axis=1, keepdims=True)
+    expected = np.argsort(-np.linalg.norm(normalised, axis=0), kind="stable")[:k]
+    np.testing.assert_array_equal(wina_griffin[b], expected)
+
+
+def test_weight_aware_scorings_drop_a_large_activation_that_writes_nothing():
+  values = np.ones((1, 4, 8), np.float32)
+  values[0, :, 2] = 9.0                          # the largest activation, every token
+  norms = np.ones(8, np.float32)
+  norms[2] = 1e-3                                # ... into a down column near zero
+  for plain, weighted in (("magnitude", "wina"), ("griffin", "wina_griffin")):
+    assert 2 in _select(values, np.ones((1, 4), bool), 2, plain, 0.3, out_norms_F=norms)[0]
+    assert 2 not in _select(values, np.ones((1, 4), bool), 2, weighted, 0.3, out_norms_F=norms)[0]
+
+
+def test_global_importance_mix_ranks_shares_then_prior():
+  primary = jnp.asarray([[4.0, 3.0, 2.0, 1.0, 0.0]])
+  prior = jnp.asarray([0.0, 0.0, 0.1, 0.3, 0.6])
+  def order(w):
+    return np.argsort(-np.asarray(selection.mix_importance(primary, prior, w))[0], kind="stable")
+  np.testing.assert_array_equal(order(0.0), [0, 1, 2, 3, 4])
+  np.testing.assert_array_equal(order(1.0), [4, 3, 2, 0, 1])
+  # Halfway: shares 0.4, 0.3, 0.2, 0.1, 0 against the prior.
+  np.testing.assert_allclose(np.asarray(selection.mix_importance(primary, prior, 0.5))[0],
+                             [0.2, 0.15, 0.15, 0.2, 0.3], rtol=1e-6)
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), T=st.integers(1, 20), F=st.integers(2, 70),
        k_fraction=st.floats(0.01, 1.0), alpha=st.floats(0.01, 1.0), scoring=st.sampled_from(SCORINGS),
@@ -101,15 +146,17 @@ def test_exactly_k_distinct_in_range_and_permutation_equivariant(seed, T, F, k_f
   rng = np.random.default_rng(seed)
   k = max(1, round(k_fraction * F))
   values = rng.normal(size=(1, T, F)).astype(np.float32)
+  norms = rng.uniform(0.1, 3.0, size=F).astype(np.float32)
   if relu and scoring != "signed":   # these score h = relu(values): keep h free of ties at 0
     values = np.abs(values) + 0.01
   real = np.ones((1, T), bool)
-  got = _select(values, real, k, scoring, alpha, relu)
+  got = _select(values, real, k, scoring, alpha, relu, out_norms_F=norms)
   assert got.shape == (1, k) and got.dtype == np.int32
   assert len(set(got[0].tolist())) == k and got.min() >= 0 and got.max() < F
-  # Continuous values leave no ties, so the choice depends on values, not positions.
+  # Continuous values leave no ties, so the choice depends on values, not positions
+  # (the neurons' down-projection norms move with them).
   perm = rng.permutation(F)
-  permuted = _select(values[:, :, perm], real, k, scoring, alpha, relu)
+  permuted = _select(values[:, :, perm], real, k, scoring, alpha, relu, out_norms_F=norms[perm])
   np.testing.assert_array_equal(perm[permuted[0]], got[0])
 
 

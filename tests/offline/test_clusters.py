@@ -20,8 +20,6 @@ from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.core.policy import Similarity, Stability
 from tests.conftest import REPO, make_tiny_hf_model, random_prompts, run_generate, run_script
 
-WORDS = "a b c d e f g h the of and to".split()
-
 
 def _load(folder):
   return loading.load_model(folder, with_tokenizer=False)
@@ -197,14 +195,6 @@ def test_similarity_batches_pick_each_prompts_cluster(tiny):
     assert alone[0].token_ids == stability[0].token_ids
   assert gen.store.gathered == (0, 1, 2)
   assert gen.compiled.compiles["gather_cluster"] == 1
-
-
-@pytest.fixture
-def synthetic_texts(tmp_path):
-  rng = np.random.default_rng(0)
-  path = tmp_path / "texts.txt"
-  path.write_text("\n".join(" ".join(rng.choice(WORDS, rng.integers(3, 12))) for _ in range(30)))
-  return str(path)
 
 
 def test_cluster_script_then_similarity_generation(tiny_llama_with_tokenizer, synthetic_texts,

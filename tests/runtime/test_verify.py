@@ -73,7 +73,8 @@ def test_the_cache_after_a_verify_is_the_dense_cache_of_the_same_tokens(tiny):
   prompts = random_prompts([7, 12], seed=24)
   state = gen.prefill(gen.params, prompts, 8)
   start = int(state.cache.length)
-  emitted, a, _, next_B, cache = gen.verify_round(state.decode_params, state.cache, state.tokens_B)
+  emitted, a, _, next_B, cache = gen.lossless.round(gen.params, state.decode_params, state.cache,
+                                                    state.tokens_B)
   a = int(a)
   assert int(cache.length) == start + a + 1
   np.testing.assert_array_equal(np.asarray(next_B), np.asarray(emitted)[:, a])
@@ -142,15 +143,18 @@ def test_generate_verify_matches_dense_and_reports_acceptance(tiny_llama_with_to
   assert dense.returncode == 0, dense.stderr
   want = json.loads(out.read_text())["token_ids"]
   verified = run_generate(*args, "--method=stability", "--beta=0.4", "--sparse_layers=all",
-                          "--verify=3", f"--json_out={out}")
+                          "--verify=3", "--refresh=2", f"--json_out={out}")
   assert verified.returncode == 0, verified.stderr
   payload = json.loads(out.read_text())
   assert payload["token_ids"] == want and payload["verify"] == 3
   assert 0 <= payload["acceptance_rate"] <= 1 and payload["verify_seconds"] > 0
+  assert payload["refresh"] == 2 and payload["refreshes"] >= 1
   refused = run_generate(*args, "--verify=3")
   assert refused.returncode == 2
   assert refused.stderr.strip() == ("error: --verify needs a sparse method: it is the compact-FFN "
                                     "model that drafts")
+  refused = run_generate(*args, "--method=stability", "--refresh=2")
+  assert refused.returncode == 2 and "--refresh updates the core sets" in refused.stderr
 
 
 def test_benchmark_measures_draft_lengths_on_real_prompts(tiny_llama_with_tokenizer, tmp_path):
