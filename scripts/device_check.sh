@@ -6,7 +6,9 @@
 # top-m by bisection and by lax.top_k, interleaved), and the memory-limit case
 # (sparsified FFNs in host memory, a device budget below the model's size)
 # against transformers offloaded by accelerate to the same budget, with the
-# core rows gathered on the device and on the host. Writes
+# core rows gathered on the device and on the host; and the lossless mode's
+# cost (issue #19): its dense verify of N + 1 tokens and its drafts in dense
+# decode steps (random weights: the acceptance itself means nothing). Writes
 # $OUT/device_check.json (one JSON of every run) and a log per run.
 #
 #   scripts/device_check.sh                       # on the GPU machine
@@ -51,12 +53,13 @@ bench all_layers --methods=dense,stability --betas=0.4,0.2 --sparse_layers=all \
     --top_ms=bisection,top_k
 bench offload --methods=stability --betas=0.4,0.2 --sparse_layers=all --offload_modes=device,host \
     --device_memory_limit_gb="$BUDGET_GB" --compare_hf_offload
+bench lossless --methods=dense,stability --betas=0.4 --sparse_layers=all --verifies=0,2,4
 
 "$PY" - "$OUT" <<'EOF'
 import json, os, sys
 out = sys.argv[1]
 runs = {name: json.load(open(os.path.join(out, name + ".json")))
-        for name in ("paper_layers", "all_layers", "offload")}
+        for name in ("paper_layers", "all_layers", "offload", "lossless")}
 json.dump(runs, open(os.path.join(out, "device_check.json"), "w"), indent=1)
 for name, run in runs.items():
   for r in run["runs"]:
@@ -80,5 +83,14 @@ for name in ("all_layers", "offload"):   # offloaded: each layer's FFN copy free
   print(f"{name}: the prefill's memory {runs[name]['runs'][1]['prefill_memory']}")
 print(f"transformers offloaded: {runs['offload']['hf_offload_decode_tokens_per_second']} tokens/s, "
       f"modules {runs['offload']['hf_offload_modules']}")
+lossless = runs["lossless"]
+dense = next(r for r in lossless["runs"] if r["method"] == "dense")
+dense_step = 1 / dense["decode_tokens_per_second"]
+for r in lossless["runs"]:   # per round: N drafts, one verify; tokens = steps x rounds
+  if r["verify"]:
+    verifies = lossless["decode_steps"] * lossless["rounds"] / (r["mean_accepted_per_verify"] + 1)
+    verify, draft = r["verify_seconds"] / verifies, r["draft_seconds"] / verifies / r["verify"]
+    print(f"lossless N={r['verify']}: a verify costs {verify / dense_step:.2f} dense steps, "
+          f"a draft {draft / dense_step:.2f}")
 print(f"[wrote {os.path.join(out, 'device_check.json')}]")
 EOF

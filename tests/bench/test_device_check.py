@@ -18,7 +18,9 @@ def test_device_check_dry_run_on_cpu_writes_every_run(tmp_path):
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   runs = json.loads((tmp_path / "device_check.json").read_text())
-  assert set(runs) == {"paper_layers", "all_layers", "offload"}
+  assert set(runs) == {"paper_layers", "all_layers", "offload", "lossless"}
+  assert [r["verify"] for r in runs["lossless"]["runs"]] == [0, 0, 2, 4]
+  assert "a verify costs" in proc.stdout
   assert [(r["beta"], r["core"] and r["core"]["top_m"]) for r in runs["all_layers"]["runs"]] == [
       (None, None), (0.4, "bisection"), (0.4, "top_k"), (0.2, "bisection"), (0.2, "top_k")]
   assert [(r["beta"], r["offload"]) for r in runs["offload"]["runs"]] == [
