@@ -10,8 +10,9 @@ import time
 
 from absl import flags
 
-from coreinfer_jax.cli import app
+from coreinfer_jax.cli import app, models
 from coreinfer_jax.offline import clustering
+from coreinfer_jax.runtime.batching import resolve_dtype
 
 FLAGS = flags.FLAGS
 RESUME = "rerun the same command (without --noresume) to reuse the finished batches"
@@ -20,6 +21,23 @@ RESUME = "rerun the same command (without --noresume) to reuse the finished batc
 def define_flags() -> None:
   flags.DEFINE_boolean("resume", True, "reuse finished batches of an interrupted identical run")
   flags.DEFINE_boolean("progress", True, "show a progress bar")
+
+
+def load_and_tokenize(texts, s: dict, purpose: str):
+  """(the model of --model, its load seconds, each text's token ids, at most
+  s["max_tokens"]); `purpose` names the command in the one-line error for a
+  model without a tokenizer."""
+  m, load_seconds = models.load(FLAGS.model, resolve_dtype(s["dtype"]))
+  if m.tokenizer is None:
+    raise ValueError(f"{m.path} has no tokenizer: {purpose} needs one to read the texts")
+  return m, load_seconds, clustering.tokenize(m.tokenizer, texts, s["max_tokens"])
+
+
+def work_key(m, data_hash: str, s: dict, *parts) -> str:
+  """The run key naming an interrupted run's work folder: the model, the
+  data, the batching and dtype, and the command's own `parts`."""
+  return clustering.run_key(m.fingerprint, *parts, data_hash, s["batch_size"], s["max_tokens"],
+                            s["dtype"])
 
 
 def collect(m, token_ids, plan: clustering.StatisticsPlan, work_dir: str,

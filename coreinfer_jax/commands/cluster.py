@@ -25,7 +25,6 @@ from coreinfer_jax.core import artefacts, methods
 from coreinfer_jax.core.spec import num_core_neurons
 from coreinfer_jax.eval import datasets
 from coreinfer_jax.offline import clustering
-from coreinfer_jax.runtime.batching import resolve_dtype
 
 cli_flags.define_model_flags()
 cli_flags.define_core_flags(with_method=False)
@@ -85,14 +84,11 @@ def main(argv):
   if requested and requested > len(clustered):
     raise ValueError(f"--num_clusters {requested} exceeds the {len(clustered)} texts clustered")
 
-  m, load_seconds = models.load(FLAGS.model, resolve_dtype(s["dtype"]))
-  if m.tokenizer is None:
-    raise ValueError(f"{m.path} has no tokenizer: clustering needs one to read the texts")
+  m, load_seconds, token_ids = dataset_pass.load_and_tokenize(clustered.texts, s, "clustering")
   print(f"[loaded {m.path} in {load_seconds:.1f}s; clustering layer {layer}, k {plan.cluster_k}; "
         f"{len(clustered)} texts ({len(held_out)} held out)]", file=sys.stderr)
-  token_ids = clustering.tokenize(m.tokenizer, clustered.texts, s["max_tokens"])
-  key = clustering.run_key(m.fingerprint, dataclasses.asdict(plan), artefacts.spec_record(spec),
-                           clustered.data_hash(), s["batch_size"], s["max_tokens"], s["dtype"])
+  key = dataset_pass.work_key(m, clustered.data_hash(), s, dataclasses.asdict(plan),
+                              artefacts.spec_record(spec))
   work_dir = os.path.join(FLAGS.out_dir, f".partial-{key}")
   stats = dataset_pass.collect(m, token_ids, plan, work_dir, s["batch_size"])
 

@@ -23,7 +23,6 @@ from coreinfer_jax.cli import app, dataset_pass, models
 from coreinfer_jax.cli import flags as cli_flags
 from coreinfer_jax.core import artefacts, importance, methods
 from coreinfer_jax.offline import clustering
-from coreinfer_jax.runtime.batching import resolve_dtype
 
 cli_flags.define_model_flags()
 cli_flags.define_core_flags(with_method=False)
@@ -45,14 +44,10 @@ def main(argv):
   plan = clustering.StatisticsPlan(spec.scoring, spec.alpha, spec.sparse_layers)
   data = cli_flags.texts_from_flags(FLAGS.limit)
 
-  m, load_seconds = models.load(FLAGS.model, resolve_dtype(s["dtype"]))
-  if m.tokenizer is None:
-    raise ValueError(f"{m.path} has no tokenizer: the importance needs one to read the texts")
+  m, load_seconds, token_ids = dataset_pass.load_and_tokenize(data.texts, s, "the importance")
   print(f"[loaded {m.path} in {load_seconds:.1f}s; {len(data)} texts, layers "
         f"{list(spec.sparse_layers)}]", file=sys.stderr)
-  token_ids = clustering.tokenize(m.tokenizer, data.texts, s["max_tokens"])
-  key = clustering.run_key(m.fingerprint, dataclasses.asdict(plan), data.data_hash(),
-                           s["batch_size"], s["max_tokens"], s["dtype"])
+  key = dataset_pass.work_key(m, data.data_hash(), s, dataclasses.asdict(plan))
   work_dir = f"{FLAGS.out}.partial-{key}"
   stats = dataset_pass.collect(m, token_ids, plan, work_dir, s["batch_size"])
   manifest = {
