@@ -105,6 +105,10 @@ def run_generate(*args):
   return run_script("generate.py", *args)
 
 
+# The words of the tests' word-level tokenizer (tests/fixtures/tokenizer) used for random texts.
+WORDS = "a b c d e f g h the of and to".split()
+
+
 def random_prompts(lengths, seed=0):
   rng = np.random.default_rng(seed)
   return [rng.integers(3, VOCAB, size=n).tolist() for n in lengths]

@@ -12,7 +12,7 @@ from coreinfer_jax.core.spec import core_spec
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.core.policy import Stability
 from tests.conftest import random_prompts, run_script
-from tests.offline.test_clusters import WORDS
+from tests.conftest import WORDS
 
 
 @pytest.fixture(scope="module")

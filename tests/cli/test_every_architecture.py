@@ -8,9 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import make_tiny_hf_model, run_script, with_tokenizer
-
-WORDS = "a b c d e f g h the of and to".split()
+from tests.conftest import WORDS, make_tiny_hf_model, run_script, with_tokenizer
 
 
 def _run(script, *args):

@@ -14,9 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, run_script
-
-WORDS = "a b c d e f g h the of and to".split()
+from tests.conftest import REPO, WORDS, run_script
 
 
 class Running:

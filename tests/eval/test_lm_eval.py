@@ -13,8 +13,8 @@ from coreinfer_jax.eval import tasks   # noqa: E402
 from coreinfer_jax.core.spec import core_spec   # noqa: E402
 from coreinfer_jax.core.policy import Stability   # noqa: E402
 from coreinfer_jax.eval.scorer import ContinuationScorer   # noqa: E402
+from tests.conftest import WORDS   # noqa: E402
 
-WORDS = "a b c d e f g h the of and to".split()
 
 CHOICE_TASK = """task: tiny_choice
 dataset_path: json

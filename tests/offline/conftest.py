@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-WORDS = "a b c d e f g h the of and to".split()
+from tests.conftest import WORDS
 
 
 @pytest.fixture

@@ -24,9 +24,7 @@ from coreinfer_jax.core.spec import core_spec, read_beta_file
 from coreinfer_jax.core.policy import Dense, Stability
 from coreinfer_jax.core.cost import kept_rows_fraction
 from coreinfer_jax.eval.scorer import ContinuationScorer, masked_params
-from tests.conftest import REPO, random_prompts, run_script
-
-WORDS = "a b c d e f g h the of and to".split()
+from tests.conftest import REPO, WORDS, random_prompts, run_script
 
 
 @pytest.fixture(scope="module")
