@@ -117,8 +117,7 @@ def check_weight(weight: float) -> float:
 def parse_weights(values: Sequence[str]) -> Tuple[float, ...]:
   """A flag's list of mix weights, each checked."""
   try:
-    return tuple(check_weight(float(v)) for v in values)
-  except ValueError as e:
-    if "importance weight" in str(e):
-      raise
+    weights = [float(v) for v in values]
+  except ValueError:
     raise ValueError(f"importance weights {list(values)}: expected numbers in [0, 1]") from None
+  return tuple(check_weight(w) for w in weights)

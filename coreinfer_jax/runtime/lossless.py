@@ -68,8 +68,8 @@ class LosslessRounds:
     drafts, q, cache = jax.block_until_ready(self.compiled(
         "draft", self._draft, decode_params, cache, tokens_B, self.key, donate_argnums=(1,)))
     t1 = clock()
-    args = (params, cache, tokens_B, drafts, q, self.key) + (() if keys is None else (keys,))
-    out = jax.block_until_ready(self.compiled("verify", self._verify, *args, donate_argnums=(1,)))
+    out = jax.block_until_ready(self.compiled("verify", self._verify, params, cache, tokens_B,
+                                              drafts, q, self.key, keys, donate_argnums=(1,)))
     if stats is not None:
       stats.draft_seconds += t1 - t0
       stats.verify_seconds += clock() - t1

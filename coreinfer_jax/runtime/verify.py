@@ -122,7 +122,7 @@ def verify_fn(config: ModelConfig, sampling: SamplingConfig, mesh: Optional[Mesh
   tap = None if refresh is None else (lambda layer, values, real: values if layer in layers
                                       else None)
 
-  def verify(params: ModelParams, cache: KVCache, tokens_B, drafts_BN, q_BNV, key, *keys):
+  def verify(params: ModelParams, cache: KVCache, tokens_B, drafts_BN, q_BNV, key, keys=None):
     N = drafts_BN.shape[1]
     start = cache.length - N   # the draft wrote N slots; the dense pass rewrites them
     cache = cache.replace(length=start)
@@ -139,7 +139,7 @@ def verify_fn(config: ModelConfig, sampling: SamplingConfig, mesh: Optional[Mesh
       kept_BN1 = jnp.broadcast_to(jnp.arange(N + 1) <= a, chunk_BN1.shape)
       out += (tuple(None if v is None else _added(k, selection.core_statistics(
           v, kept_BN1, scoring=refresh.scoring, alpha=refresh.alpha, top_m=refresh.top_m))
-          for k, v in zip(keys[0], values)),)
+          for k, v in zip(keys, values)),)
     cache, out = meshes.constrain_outputs(mesh, cache, out)
     return out[:4] + (cache,) + out[4:]
   return verify
