@@ -21,6 +21,7 @@ OWN_FLAGS = {
     "benchmark_scorer.py": ["--task", "--rounds", "--methods"],
     "calibrate.py": ["--allocation", "--out", "--model"],
     "cluster.py": ["--num_clusters", "--out_dir", "--dataset"],
+    "importance.py": ["--out", "--dataset", "--scoring", "--resume"],
     "evaluate.py": ["--tasks", "--overwrite", "--json_out", "--model"],
     "merge_results.py": ["--inputs", "--within_loss"],
     "analyze.py": ["--analysis", "--out_dir", "--dataset"],
@@ -53,7 +54,7 @@ OUTPUTS = [("generate.py", "json_out", "file"), ("evaluate.py", "json_out", "fil
            ("benchmark.py", "json_out", "file"), ("benchmark_scorer.py", "json_out", "file"),
            ("calibrate.py", "out", "file"), ("merge_results.py", "json_out", "file"),
            ("merge_results.py", "markdown_out", "file"), ("merge_results.py", "plot", "file"),
-           ("profile_decode.py", "json_out", "file"),
+           ("profile_decode.py", "json_out", "file"), ("importance.py", "out", "file"),
            ("cluster.py", "out_dir", "folder"), ("analyze.py", "out_dir", "folder")]
 
 
