@@ -11,7 +11,7 @@ import time
 from absl import flags
 
 from coreinfer_jax.cli import app, models
-from coreinfer_jax.offline import clustering
+from coreinfer_jax.offline import batch_pass, clustering
 from coreinfer_jax.runtime.batching import resolve_dtype
 
 FLAGS = flags.FLAGS
@@ -30,13 +30,13 @@ def load_and_tokenize(texts, s: dict, purpose: str):
   m, load_seconds = models.load(FLAGS.model, resolve_dtype(s["dtype"]))
   if m.tokenizer is None:
     raise ValueError(f"{m.path} has no tokenizer: {purpose} needs one to read the texts")
-  return m, load_seconds, clustering.tokenize(m.tokenizer, texts, s["max_tokens"])
+  return m, load_seconds, batch_pass.tokenize(m.tokenizer, texts, s["max_tokens"])
 
 
 def work_key(m, data_hash: str, s: dict, *parts) -> str:
   """The run key naming an interrupted run's work folder: the model, the
   data, the batching and dtype, and the command's own `parts`."""
-  return clustering.run_key(m.fingerprint, *parts, data_hash, s["batch_size"], s["max_tokens"],
+  return batch_pass.run_key(m.fingerprint, *parts, data_hash, s["batch_size"], s["max_tokens"],
                             s["dtype"])
 
 
@@ -45,7 +45,7 @@ def collect(m, token_ids, plan: clustering.StatisticsPlan, work_dir: str,
   """`clustering.collect_statistics` with finished batches kept in `work_dir`
   (cleared first with --noresume; named on Ctrl-C)."""
   if not FLAGS.resume:
-    clustering.clear_work_dir(work_dir)
+    batch_pass.clear_work_dir(work_dir)
   app.saved(work_dir)
   return clustering.collect_statistics(m.params, m.config, token_ids, plan, batch_size=batch_size,
                                        work_dir=work_dir, progress=FLAGS.progress)

@@ -18,8 +18,8 @@ from coreinfer_jax.runtime import offload
 from coreinfer_jax.runtime.batching import DTYPES
 
 FLAGS = flags.FLAGS
-CORE_FLAGS = (["method", "cluster_dir", "core_placement", "core_sharing", "top_m", "importance",
-               "importance_weight"] + list(SPEC_SETTINGS))
+CORE_FLAGS = (["method", "cluster_dir", "predictor_dir", "core_placement", "core_sharing", "top_m",
+               "importance", "importance_weight"] + list(SPEC_SETTINGS))
 
 
 def define_model_flags() -> None:
@@ -71,6 +71,8 @@ def define_core_flags(with_method: bool = True) -> None:
   if with_method:
     flags.DEFINE_string("method", "dense", f"decoding method: {' | '.join(METHODS)}")
     flags.DEFINE_string("cluster_dir", None, "similarity: the folder scripts/cluster.py wrote")
+    flags.DEFINE_string("predictor_dir", None, "predictor: the folder scripts/train_predictor.py "
+                        "wrote (each token's top round(β·F) neurons, --sparse_layers as trained)")
     flags.DEFINE_enum("core_placement", "local", list(CORE_PLACEMENTS), "with --tp: local "
                       "takes k/tp core neurons from each device's own block (balanced); global "
                       "the top k overall, each row on the device owning it (unbalanced)")

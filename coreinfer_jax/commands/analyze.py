@@ -30,7 +30,7 @@ from coreinfer_jax.cli import app, models, optional
 from coreinfer_jax.cli import flags as cli_flags
 from coreinfer_jax.core import artefacts, methods
 from coreinfer_jax.eval import datasets
-from coreinfer_jax.offline import clustering
+from coreinfer_jax.offline import batch_pass, clustering
 from coreinfer_jax.runtime.batching import resolve_dtype
 
 ANALYSES = ("stability", "similarity", "clusters")
@@ -60,13 +60,13 @@ _WORK_DIRS = []
 def _statistics(m, plan, texts, max_tokens):
   """`clustering.collect_statistics` over `texts`, each finished batch saved in
   a work folder of --out_dir so that an interrupted analysis resumes."""
-  key = clustering.run_key(m.fingerprint, dataclasses.asdict(plan), texts, FLAGS.batch_size,
+  key = batch_pass.run_key(m.fingerprint, dataclasses.asdict(plan), texts, FLAGS.batch_size,
                            max_tokens, FLAGS.dtype)
   work_dir = os.path.join(FLAGS.out_dir, f".partial-{FLAGS.analysis}-{key}")
   _WORK_DIRS.append(work_dir)
   app.saved(work_dir)
   return clustering.collect_statistics(m.params, m.config,
-                                       clustering.tokenize(m.tokenizer, texts, max_tokens), plan,
+                                       batch_pass.tokenize(m.tokenizer, texts, max_tokens), plan,
                                        batch_size=FLAGS.batch_size, work_dir=work_dir,
                                        progress=True)
 
@@ -75,7 +75,7 @@ def _stability(m, spec):
   data = cli_flags.texts_from_flags(FLAGS.limit or DEFAULT_LIMITS["stability"])
   if FLAGS.num_steps < 1:
     raise ValueError(f"--num_steps must be at least 1, got {FLAGS.num_steps}")
-  prompt_ids = clustering.tokenize(m.tokenizer, data.prompts, FLAGS.max_tokens)
+  prompt_ids = batch_pass.tokenize(m.tokenizer, data.prompts, FLAGS.max_tokens)
   result = stability.stability(m.params, m.config, prompt_ids, spec, FLAGS.num_steps, FLAGS.seed)
   result["dataset"] = data.name
   print(f"[stability: mean overlap {result['overlap_mean']:.3f} vs random {result['random_mean']:.3f}]")
@@ -166,7 +166,7 @@ def main(argv):
   plot(png_path, f"{FLAGS.analysis}: {model_name}"
        + ("" if spec is None else f" (β {s['beta']}, α {spec.alpha}, {spec.scoring})"))
   for work_dir in _WORK_DIRS:
-    clustering.clear_work_dir(work_dir)
+    batch_pass.clear_work_dir(work_dir)
   print(f"[wrote {json_path} and {png_path}]")
 
 

@@ -92,6 +92,7 @@ def variants(s, config, fingerprint) -> List[Variant]:
       cluster_dir = s["cluster_dir"] if method == "similarity" else None
       policy = methods.policy_for(method, dict(s, core_sharing=sharing, top_m=top_m), config,
                                   cluster_dir=cluster_dir, fingerprint=fingerprint, beta=beta)
+      policy.check_decoding(s["tp"], mode is not None, verify)
       verifying.check_verify(verify, sparse, s["tp"] > 1, mode is not None)
       variants.append(Variant(method, beta, policy.spec, policy, mode, verify))
   if FLAGS.offload_ffn and all(v.core is None for v in variants):

@@ -24,7 +24,7 @@ from coreinfer_jax.cli import flags as cli_flags
 from coreinfer_jax.core import artefacts, methods
 from coreinfer_jax.core.spec import num_core_neurons
 from coreinfer_jax.eval import datasets
-from coreinfer_jax.offline import clustering
+from coreinfer_jax.offline import batch_pass, clustering
 
 cli_flags.define_model_flags()
 cli_flags.define_core_flags(with_method=False)
@@ -118,7 +118,7 @@ def main(argv):
   art = artefacts.ClusterArtefacts(fit.cluster_centers_.astype("float32"), sets,
                                    fit.labels_.astype("int32"), manifest)
   path = artefacts.save(FLAGS.out_dir, art)
-  clustering.clear_work_dir(work_dir)
+  batch_pass.clear_work_dir(work_dir)
   print(f"[{requested} clusters ({manifest['num_clusters_from']}) of sizes {sizes}; "
         f"{dataset_pass.batches_line(stats)}, k-means {kmeans_seconds:.1f}s; wrote {path}]",
         file=sys.stderr)

@@ -123,6 +123,7 @@ def main(argv):
   policy = methods.policy_for(s["method"], s, config, cluster_dir=s["cluster_dir"],
                               fingerprint=models.model_fingerprint(FLAGS.model))
   core = policy.spec
+  policy.check_decoding(s["tp"], FLAGS.offload_ffn, FLAGS.verify)
   offload.check_offload(FLAGS.offload_ffn, core is not None, s["tp"], FLAGS.offload_gather)
   verifying.check_verify(FLAGS.verify, core is not None, s["tp"] > 1, FLAGS.offload_ffn)
   lossless.check_refresh(FLAGS.refresh, FLAGS.verify, policy)

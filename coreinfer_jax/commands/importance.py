@@ -22,7 +22,7 @@ from absl import flags
 from coreinfer_jax.cli import app, dataset_pass, models
 from coreinfer_jax.cli import flags as cli_flags
 from coreinfer_jax.core import artefacts, importance, methods
-from coreinfer_jax.offline import clustering
+from coreinfer_jax.offline import batch_pass, clustering
 
 cli_flags.define_model_flags()
 cli_flags.define_core_flags(with_method=False)
@@ -63,7 +63,7 @@ def main(argv):
                                        manifest)
   importance.save(FLAGS.out, result)
   app.saved(FLAGS.out)
-  clustering.clear_work_dir(work_dir)
+  batch_pass.clear_work_dir(work_dir)
   print(f"[importance of {len(spec.sparse_layers)} layers over {len(data)} texts; "
         f"{dataset_pass.batches_line(stats)}; wrote {FLAGS.out}]", file=sys.stderr)
 

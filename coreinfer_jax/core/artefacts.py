@@ -73,44 +73,64 @@ def _tree(art: ClusterArtefacts) -> dict:
   return {"centroids": art.centroids_CF, "assignments": art.assignments_N, "sets": sets}
 
 
-def save(out_dir: str, art: ClusterArtefacts) -> str:
-  """Writes `art` under `out_dir` atomically (see the module doc); returns the
-  arrays' folder."""
+def save_arrays(out_dir: str, prefix: str, tree: dict, manifest: dict) -> str:
+  """Writes `tree` as a new orbax folder `prefix-<id>` under `out_dir`, then
+  `manifest` (naming that folder as "artefacts") atomically, then deletes the
+  older `prefix-*` folders; returns the new folder."""
   import orbax.checkpoint as ocp
   out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
-  name = f"clusters-{uuid.uuid4().hex[:12]}"
+  name = f"{prefix}-{uuid.uuid4().hex[:12]}"
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(out_dir, name), _tree(art))
+  checkpointer.save(os.path.join(out_dir, name), tree)
   checkpointer.wait_until_finished()
-  files.write_json(os.path.join(out_dir, MANIFEST), dict(art.manifest, format=FORMAT, artefacts=name))
-  for old in glob.glob(os.path.join(out_dir, "clusters-*")):   # replaced, or orphaned by a crash
+  files.write_json(os.path.join(out_dir, MANIFEST), dict(manifest, artefacts=name))
+  for old in glob.glob(os.path.join(out_dir, f"{prefix}-*")):   # replaced, or orphaned by a crash
     if os.path.basename(old) != name:
       shutil.rmtree(old, ignore_errors=True)
   return os.path.join(out_dir, name)
+
+
+def load_arrays(out_dir: str, manifest: dict) -> dict:
+  """The tree of the orbax folder `manifest` names."""
+  import orbax.checkpoint as ocp
+  return ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(out_dir),
+                                                         manifest["artefacts"]))
+
+
+def save(out_dir: str, art: ClusterArtefacts) -> str:
+  """Writes `art` under `out_dir` atomically (see the module doc); returns the
+  arrays' folder."""
+  return save_arrays(out_dir, "clusters", _tree(art), dict(art.manifest, format=FORMAT))
 
 
 def has_artefacts(out_dir: str) -> bool:
   return os.path.isfile(os.path.join(out_dir, MANIFEST))
 
 
-def read_manifest(out_dir: str) -> dict:
+def read_format_manifest(out_dir: str, form: str, what: str, built_by: str,
+                         error: type = ValueError) -> dict:
+  """`out_dir`'s manifest, checked to be of format `form` (else `error`);
+  `what` and `built_by` name the artefacts and their command when it is missing."""
   path = os.path.join(out_dir, MANIFEST)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"no cluster artefacts in {out_dir} ({MANIFEST} is missing): "
-                            f"build them with scripts/cluster.py")
+    raise FileNotFoundError(f"no {what} in {out_dir} ({MANIFEST} is missing): "
+                            f"build them with {built_by}")
   manifest = files.read_json(path)
   found = manifest.get("format") if isinstance(manifest, dict) else None
-  if found != FORMAT:
-    raise ClusterMismatchError(f"{path}: format {found!r}, expected {FORMAT!r}")
+  if found != form:
+    raise error(f"{path}: format {found!r}, expected {form!r}")
   return manifest
 
 
+def read_manifest(out_dir: str) -> dict:
+  return read_format_manifest(out_dir, FORMAT, "cluster artefacts", "scripts/cluster.py",
+                              ClusterMismatchError)
+
+
 def load(out_dir: str) -> ClusterArtefacts:
-  import orbax.checkpoint as ocp
   manifest = read_manifest(out_dir)
-  tree = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(out_dir),
-                                                         manifest["artefacts"]))
+  tree = load_arrays(out_dir, manifest)
   num_layers = len(manifest["core"]["layer_k"])
   sets = tuple(None if f"layer_{i}" not in tree["sets"] else np.asarray(tree["sets"][f"layer_{i}"])
                for i in range(num_layers))
@@ -118,9 +138,10 @@ def load(out_dir: str) -> ClusterArtefacts:
                           manifest)
 
 
-def _mismatch(out_dir: str, what: str, built, asked) -> ClusterMismatchError:
-  return ClusterMismatchError(f"cluster artefacts in {out_dir} do not match: {what}: built with "
-                              f"{built}, asked for {asked}")
+def mismatch(out_dir: str, what: str, built, asked, *, artefacts: str = "cluster artefacts",
+             error: type = ClusterMismatchError) -> ValueError:
+  return error(f"{artefacts} in {out_dir} do not match: {what}: built with {built}, "
+               f"asked for {asked}")
 
 
 def _betas(spec: CoreSpec):
@@ -129,26 +150,35 @@ def _betas(spec: CoreSpec):
   return betas[0] if len(set(betas)) == 1 else betas
 
 
-def check_compatible(out_dir: str, manifest: dict, *, config: ModelConfig,
-                     fingerprint: Optional[str] = None, spec: Optional[CoreSpec] = None) -> None:
-  """Raises `ClusterMismatchError` naming the first difference: number of
-  layers, FFN width, model fingerprint, sparsified layers, β, scoring, α."""
+def check_model(out_dir: str, manifest: dict, config: ModelConfig, fingerprint: Optional[str],
+                **labels) -> None:
+  """Raises the first difference of the model the artefacts were built for
+  (`labels`: `mismatch`'s artefacts name and error class): number of layers,
+  model and FFN width, checkpoint fingerprint."""
   built = manifest["model"]["config"]
-  for field, what in (("num_layers", "number of layers"),
+  for field, what in (("num_layers", "number of layers"), ("hidden_size", "model width"),
                       ("intermediate_size", "FFN width (intermediate_size)")):
     if built[field] != getattr(config, field):
-      raise _mismatch(out_dir, what, built[field], getattr(config, field))
+      raise mismatch(out_dir, what, built[field], getattr(config, field), **labels)
   if fingerprint is not None and manifest["model"]["fingerprint"] != fingerprint:
-    raise _mismatch(out_dir, "model fingerprint (another checkpoint)",
-                    f"{manifest['model']['fingerprint']} ({manifest['model']['path']})", fingerprint)
+    raise mismatch(out_dir, "model fingerprint (another checkpoint)",
+                   f"{manifest['model']['fingerprint']} ({manifest['model']['path']})",
+                   fingerprint, **labels)
+
+
+def check_compatible(out_dir: str, manifest: dict, *, config: ModelConfig,
+                     fingerprint: Optional[str] = None, spec: Optional[CoreSpec] = None) -> None:
+  """Raises `ClusterMismatchError` naming the first difference: the model
+  (`check_model`), sparsified layers, β, scoring, α."""
+  check_model(out_dir, manifest, config, fingerprint)
   if spec is None:
     return
   have = spec_from_record(manifest["core"])
   if have.sparse_layers != spec.sparse_layers:
-    raise _mismatch(out_dir, "sparsified layers", list(have.sparse_layers), list(spec.sparse_layers))
+    raise mismatch(out_dir, "sparsified layers", list(have.sparse_layers), list(spec.sparse_layers))
   if have.layer_beta != spec.layer_beta:
-    raise _mismatch(out_dir, "β (kept fraction)", _betas(have), _betas(spec))
+    raise mismatch(out_dir, "β (kept fraction)", _betas(have), _betas(spec))
   if have.scoring != spec.scoring:
-    raise _mismatch(out_dir, "scoring", have.scoring, spec.scoring)
+    raise mismatch(out_dir, "scoring", have.scoring, spec.scoring)
   if have.alpha != spec.alpha:
-    raise _mismatch(out_dir, "α (token-wise fraction)", have.alpha, spec.alpha)
+    raise mismatch(out_dir, "α (token-wise fraction)", have.alpha, spec.alpha)

@@ -21,6 +21,7 @@ from coreinfer_jax.core.gather import gather_shared
 from coreinfer_jax.core.spec import CoreSpec, num_core_neurons
 from coreinfer_jax.model.ffn import FFNParams, MaskedFFN, PerSequenceFFN
 from coreinfer_jax.model.params import ModelParams
+from coreinfer_jax.model.token_ffn import PredictedFFN
 
 
 def param_bytes(tree) -> int:
@@ -31,14 +32,16 @@ def decode_weight_bytes(params: ModelParams) -> int:
   """Weight bytes one decode token reads: every layer, the final norm and the
   output projection in full, plus one row of the input embedding (and of the
   learned positions) when the output projection is not that same matrix."""
-  total = param_bytes((params.layers, params.final_norm, params.output_embedding,
-                       params.project_in_DE, params.project_out_ED))
+  total = param_bytes((tuple(layer.replace(ffn=None) for layer in params.layers),
+                       params.final_norm, params.output_embedding, params.project_in_DE,
+                       params.project_out_ED))
+  total += sum(ffn_bytes_per_step(layer.ffn) for layer in params.layers)
   row_bytes = params.embed_VE.shape[1] * params.embed_VE.dtype.itemsize
   if params.lm_head_VE is not None:
     total += row_bytes
   if params.positions_PD is not None:
     total += params.positions_PD.shape[1] * params.positions_PD.dtype.itemsize
-  return total
+  return int(total)
 
 
 def _shard(a: jax.Array) -> jax.ShapeDtypeStruct:
@@ -79,6 +82,27 @@ def _(ffn: PerSequenceFFN) -> float:
 @ffn_bytes_per_sequence.register
 def _(ffn: MaskedFFN) -> float:
   raise TypeError("a MaskedFFN reads the dense rows: it scores core sets, it does not decode")
+
+
+@ffn_bytes_per_sequence.register
+def _(ffn: PredictedFFN) -> float:
+  """A token's k rows of every weight, plus the whole predictor (read every token)."""
+  rows = param_bytes((ffn.up_FD, ffn.down_FD, ffn.gate_FD, ffn.up_bias_F))
+  return (rows * ffn.k / ffn.num_neurons + param_bytes(ffn.down_bias_D)
+          + param_bytes(ffn.predictor))
+
+
+@functools.singledispatch
+def ffn_bytes_per_step(ffn) -> float:
+  """FFN weight bytes a decode step reads for its whole batch: every weight,
+  except a token-wise kind's rows not chosen."""
+  return param_bytes(ffn)
+
+
+@ffn_bytes_per_step.register
+def _(ffn: PredictedFFN) -> float:
+  """One sequence's (B sequences read up to B times the rows)."""
+  return ffn_bytes_per_sequence(ffn)
 
 
 def model_ffn_bytes_per_sequence(params: ModelParams) -> float:

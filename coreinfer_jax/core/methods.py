@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-from coreinfer_jax.core import artefacts, importance
-from coreinfer_jax.core.policy import CorePolicy, Dense, GlobalMix, Similarity, Stability
+from coreinfer_jax.core import artefacts, importance, predictor
+from coreinfer_jax.core.policy import (CorePolicy, Dense, GlobalMix, Predicted, Similarity,
+                                       Stability)
 from coreinfer_jax.core.spec import CORE_PLACEMENTS, CoreSpec, core_spec, parse_beta
 from coreinfer_jax.model.config import ModelConfig
 
-METHODS = ("dense", "stability", "similarity")
+METHODS = ("dense", "stability", "similarity", "predictor")
 SPEC_SETTINGS = ("beta", "alpha", "scoring", "sparse_layers", "beta_file")
 
 
@@ -63,20 +64,50 @@ def load_importance(path: str, config: ModelConfig, fingerprint: Optional[str],
   return loaded
 
 
+def load_predictor(predictor_dir: str, config: ModelConfig, fingerprint: Optional[str],
+                   spec: CoreSpec) -> predictor.PredictorArtefacts:
+  """The predictor artefacts in `predictor_dir`, their manifest checked
+  against the model and the sparsified layers before the arrays (or any
+  model weights) load."""
+  manifest = predictor.read_manifest(predictor_dir)
+  predictor.check_compatible(predictor_dir, manifest, config=config, fingerprint=fingerprint,
+                             sparse_layers=spec.sparse_layers)
+  return predictor.load(predictor_dir)
+
+
+def predicted(settings: Mapping[str, Any], config: ModelConfig, fingerprint: Optional[str],
+              beta: Optional[str] = None, name: str = "predictor") -> Predicted:
+  """`--method=predictor`: settings["predictor_dir"]'s predictor choosing
+  each token's top k = round(β·F) at the sparsified layers."""
+  predictor_dir = settings.get("predictor_dir")
+  if not predictor_dir:
+    raise ValueError("--method=predictor needs --predictor_dir (built by "
+                     "scripts/train_predictor.py)")
+  spec = spec_for(settings, config, beta)
+  if spec.shared or spec.blocks > 1:
+    raise ValueError("--method=predictor chooses each token's own neurons: it has no shared or "
+                     "per-device core sets (--core_sharing, --tp)")
+  return Predicted(spec, load_predictor(predictor_dir, config, fingerprint, spec), name=name)
+
+
 def policy_for(method: str, settings: Mapping[str, Any], config: ModelConfig, *,
                cluster_dir: Optional[str] = None, fingerprint: Optional[str] = None,
                beta: Optional[str] = None) -> CorePolicy:
   """The policy of a method name (`METHODS`) with the core settings; with
   settings["importance"] (a file), stability mixes it in at
-  settings["importance_weight"]."""
+  settings["importance_weight"]; predictor reads settings["predictor_dir"]."""
   check_method(method)
   if method != "similarity" and cluster_dir:
     raise ValueError(f"--cluster_dir is only used by --method=similarity, not {method}")
+  if method != "predictor" and settings.get("predictor_dir"):
+    raise ValueError(f"--predictor_dir is only used by --method=predictor, not {method}")
   importance_file = settings.get("importance")
   if importance_file and method != "stability":
     raise ValueError(f"--importance is only used by --method=stability, not {method}")
   if method == "dense":
     return Dense()
+  if method == "predictor":
+    return predicted(settings, config, fingerprint, beta)
   spec = spec_for(settings, config, beta)
   if method == "stability":
     if importance_file:

@@ -13,6 +13,8 @@ else of it, so a new method is a new subclass:
 - `GlobalMix`: the prompt's ranking keys mixed with a model-global importance
   computed offline (GLASS-style).
 - `Similarity`: the prompt's nearest offline cluster's sets.
+- `Predicted`: no core sets; each token's top k from a learned predictor
+  (the Deja Vu baseline), chosen inside the decode step.
 """
 
 from __future__ import annotations
@@ -25,14 +27,17 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
-from coreinfer_jax.core import clusters, selection, store
+from coreinfer_jax.core import clusters, cost, selection, store
 from coreinfer_jax.core.artefacts import ClusterArtefacts
 from coreinfer_jax.core.importance import GlobalImportance, check_weight
+from coreinfer_jax.core.predictor import PredictorArtefacts
 from coreinfer_jax.core.gather import CoreGather, CoreSets
 from coreinfer_jax.core.spec import CoreSpec
 from coreinfer_jax.core.taps import (RankRequest, Rankings, merge_requests, order, ranking_tap,
                                      take_core)
 from coreinfer_jax.model.forward import Tap
+from coreinfer_jax.model.params import ModelParams
+from coreinfer_jax.model.token_ffn import NeuronPredictor
 
 Requests = Tuple[Optional[RankRequest], ...]   # per model layer
 Keys = Tuple[jax.Array, jax.Array]   # one layer's ranking keys (primary, secondary), [B, F] each
@@ -66,6 +71,20 @@ class CorePolicy(abc.ABC):
     if self.spec is None:
       return store.DenseStore()
     return store.GatherStore(compiled, self.spec.layer_k, core_gather)
+
+  def token_predictors(self) -> Optional[Tuple[Optional[NeuronPredictor], ...]]:
+    """Per model layer, the predictor choosing each token's top `spec.layer_k`
+    neurons (None: the policy's sets are chosen per prompt, not per token)."""
+    return None
+
+  def check_decoding(self, devices: int, offload_ffn: bool, verify: int) -> None:
+    """Raises ValueError (one line) for a way of decoding the policy cannot
+    serve: a mesh of `devices`, offloaded FFNs, lossless drafts."""
+
+  def ffn_bytes_fraction(self, params: ModelParams) -> float:
+    """FFN weight bytes a decode token reads under this policy, over dense
+    (from shapes: what evaluation reports beside each score)."""
+    return cost.spec_ffn_bytes_fraction(params, self.spec)
 
   def core_summary(self) -> Optional[dict]:
     """The `"core"` record of the scripts' JSON (None: the policy decodes dense)."""
@@ -192,6 +211,41 @@ class Similarity(CorePolicy):
 
   def store(self, compiled, core_gather: CoreGather) -> store.DenseStore:
     return store.ClusterStore(compiled, self.art.layer_sets, core_gather)
+
+
+class Predicted(CorePolicy):
+  """Each token's top k (`spec.layer_k`) by a learned predictor, chosen and
+  gathered inside the decode step (`model.token_ffn.PredictedFFN`): the
+  prefill is dense and ranks nothing."""
+
+  def __init__(self, spec: CoreSpec, art: PredictorArtefacts, name: str = "predictor"):
+    super().__init__(name, "predictor", "predictor", spec)
+    self.art = art
+
+  def core_sets(self, rankings: Rankings, arrays: Any, batch: int):
+    return (None,) * len(rankings), {}
+
+  def token_predictors(self) -> Tuple[Optional[NeuronPredictor], ...]:
+    return self.art.layer_predictors
+
+  def check_decoding(self, devices: int, offload_ffn: bool, verify: int) -> None:
+    for refused, what in ((devices > 1, "on a mesh (--tp)"), (offload_ffn, "with --offload_ffn"),
+                          (verify > 0, "with --verify")):
+      if refused:
+        raise ValueError(f"--method=predictor does not decode {what}: its rows change at every "
+                         "token; use stability or similarity")
+
+  def store(self, compiled, core_gather: CoreGather) -> store.DenseStore:
+    return store.PredictorStore(self.spec.layer_k, self.art.layer_predictors)
+
+  def ffn_bytes_fraction(self, params: ModelParams) -> float:
+    predicted = jax.eval_shape(lambda p: store.predicted_params(p, self.spec.layer_k,
+                                                                self.art.layer_predictors), params)
+    return cost.ffn_bytes_fraction(params, predicted)
+
+  def core_summary(self) -> dict:
+    return dict(super().core_summary(), predictor_rank=self.art.rank,
+                predictor_label_fraction=self.art.manifest["label_fraction"])
 
 
 def selection_tap(num_layers: int, policies: Sequence[CorePolicy]) -> Optional[Tap]:

@@ -7,7 +7,9 @@ A policy's core sets become decode parameters through a store:
   handed back (`recycle`): reusing them skips allocating and first-touching
   the ~β of the FFN weights that every gather writes;
 - `ClusterStore`: one compact FFN per cluster, gathered on first use (or by
-  `preload`) and kept: a prompt whose cluster was used before costs no gather.
+  `preload`) and kept: a prompt whose cluster was used before costs no gather;
+- `PredictorStore`: the predicted layers' `PredictedFFN`s, made once (each
+  token's rows are gathered inside the decode step).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 
 from coreinfer_jax.core import gather
 from coreinfer_jax.model.params import ModelParams
+from coreinfer_jax.model.token_ffn import NeuronPredictor, PredictedFFN
 
 
 def _same_shapes(a, b) -> bool:
@@ -104,3 +107,33 @@ class ClusterStore(DenseStore):
     else:
       compact = jax.tree_util.tree_map(lambda *rows: jnp.concatenate(rows), *per_sequence)
     return params.with_ffns(compact)
+
+
+def predicted_params(params: ModelParams, layer_k: Sequence[Optional[int]],
+                     predictors: Sequence[Optional[NeuronPredictor]]) -> ModelParams:
+  """`params` with every layer of a k decoding each token's predicted top k."""
+  return params.with_ffns(tuple(
+      None if k is None else PredictedFFN.from_dense(layer.ffn, predictor, k)
+      for layer, k, predictor in zip(params.layers, layer_k, predictors)))
+
+
+class PredictorStore(DenseStore):
+  """The predicted FFNs (`predicted_params`), made on the first prompt and
+  kept: a transposed copy of each predicted layer's down projection."""
+
+  def __init__(self, layer_k: Sequence[Optional[int]],
+               predictors: Sequence[Optional[NeuronPredictor]]):
+    self._layer_k = tuple(layer_k)
+    self._predictors = tuple(predictors)
+    self._ffns: Optional[Tuple] = None
+
+  def decode_params(self, params: ModelParams, core: gather.CoreSets,
+                    aux: Mapping[str, jax.Array]) -> ModelParams:
+    if self._ffns is None:
+      predicted = predicted_params(params, self._layer_k, self._predictors)
+      self._ffns = tuple(layer.ffn if k is not None else None
+                         for layer, k in zip(predicted.layers, self._layer_k))
+    return params.with_ffns(self._ffns)
+
+  def preload(self, params: ModelParams) -> None:
+    self.decode_params(params, (), {})

@@ -14,7 +14,7 @@ the batch's one set.
 from __future__ import annotations
 
 import math
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from coreinfer_jax.core.policy import CorePolicy, selection_tap
-from coreinfer_jax.eval.scorer import keep_mask, masked_params
+from coreinfer_jax.eval.scorer import TokenRows, keep_mask, masked_params, token_rows
 from coreinfer_jax.eval.tasks import Window
 from coreinfer_jax.model.config import ModelConfig
 from coreinfer_jax.model.forward import forward
@@ -32,10 +32,12 @@ from coreinfer_jax.runtime.prefill import prefill
 
 def batch_logprob_fn(config: ModelConfig, cache_len: int, policy: CorePolicy):
   """(params, contexts int32 [B, T], continuations int32 [B, C], policy
-  arrays) -> float32 [B]: each continuation's summed log-probability."""
+  arrays, the policy's `TokenRows` or None) -> float32 [B]: each
+  continuation's summed log-probability."""
   tap = selection_tap(config.num_layers, [policy])
 
-  def run(params: ModelParams, contexts_BT, continuations_BC, arrays):
+  def run(params: ModelParams, contexts_BT, continuations_BC, arrays,
+          token: Optional[TokenRows]):
     B = contexts_BT.shape[0]
     logits_BV, cache, rankings = prefill(params, config, contexts_BT, jnp.zeros((B,), jnp.int32),
                                          tap, cache_len)
@@ -43,7 +45,9 @@ def batch_logprob_fn(config: ModelConfig, cache_len: int, policy: CorePolicy):
     first_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1),
                                   continuations_BC[:, :1], axis=-1)[:, 0]
     keep = tuple(keep_mask(c, B, config.intermediate_size) for c in core)
-    logits, _ = forward(masked_params(params, keep), config, cache, continuations_BC[:, :-1])
+    token = None if token is None else token.repeat(B)
+    logits, _ = forward(masked_params(params, keep, token), config, cache,
+                        continuations_BC[:, :-1])
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     rest_B = jnp.sum(jnp.take_along_axis(logprobs, continuations_BC[:, 1:, None], axis=-1),
                      axis=(1, 2))
@@ -68,11 +72,11 @@ def batched_perplexity(params: ModelParams, config: ModelConfig, policies: Seque
   perplexity = {}
   for policy in policies:
     fn = jax.jit(batch_logprob_fn(config, cache_len, policy))
-    arrays = policy.arrays()
+    arrays, token = policy.arrays(), token_rows([policy], config.num_layers)
     total = 0.0
     for start in tqdm(range(0, len(windows), batch), desc=policy.name, disable=not progress):
       part = slice(start, start + batch)
-      total += float(np.sum(np.asarray(fn(params, contexts[part], continuations[part], arrays),
+      total += float(np.sum(np.asarray(fn(params, contexts[part], continuations[part], arrays, token),
                                        np.float64)))
     perplexity[policy.name] = math.exp(-total / continuations.size)
   return perplexity

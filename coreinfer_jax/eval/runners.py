@@ -24,7 +24,6 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from coreinfer_jax.core.cost import spec_ffn_bytes_fraction
 from coreinfer_jax.core.policy import CorePolicy, Stability
 from coreinfer_jax.core.spec import core_spec
 from coreinfer_jax.eval import batched_windows, metrics, tasks
@@ -97,7 +96,7 @@ def evaluate_perplexity(scorer: ContinuationScorer, windows: Sequence[tasks.Wind
       kl[name] += float(s.token_kl[0].astype(np.float64).sum())
     count += len(w.continuation)
   return [Result(task, m, {"perplexity": math.exp(nll[m.name] / count), "kl": kl[m.name] / count},
-                 len(windows), spec_ffn_bytes_fraction(scorer.params, m.spec), {"tokens": count}) for m in scorer.methods]
+                 len(windows), m.ffn_bytes_fraction(scorer.params), {"tokens": count}) for m in scorer.methods]
 
 
 def evaluate_batched_perplexity(scorer: ContinuationScorer, windows: Sequence[tasks.Window],
@@ -109,7 +108,7 @@ def evaluate_batched_perplexity(scorer: ContinuationScorer, windows: Sequence[ta
                                                   windows, batch, scorer.cache_len, progress)
   count = sum(len(w.continuation) for w in windows)
   return [Result(task, m, {"perplexity": perplexity[m.name]}, len(windows),
-                 spec_ffn_bytes_fraction(scorer.params, m.spec),
+                 m.ffn_bytes_fraction(scorer.params),
                  {"tokens": count, "window_batch": batch}) for m in scorer.methods]
 
 
@@ -128,7 +127,7 @@ def evaluate_choices(scorer: ContinuationScorer, tokenizer, examples: Sequence[t
     for name, s in scores.items():
       per_example[name].append(metrics.multiple_choice(s.logprob_sums, e.choices, e.gold))
   return [Result(task, m, metrics.mean_metrics(per_example[m.name]), len(examples),
-                 spec_ffn_bytes_fraction(scorer.params, m.spec)) for m in scorer.methods]
+                 m.ffn_bytes_fraction(scorer.params)) for m in scorer.methods]
 
 
 def generation_metrics(task: tasks.Task, examples: Sequence[tasks.GenerationExample],
@@ -164,7 +163,7 @@ def evaluate_generation(scorer: ContinuationScorer, tokenizer, task: tasks.Task,
                         progress: bool = True) -> List[Result]:
   outputs = generate_outputs(scorer, tokenizer, task, examples, progress)
   return [Result(task.name, m, generation_metrics(task, examples, outputs[m.name]), len(examples),
-                 spec_ffn_bytes_fraction(scorer.params, m.spec),
+                 m.ffn_bytes_fraction(scorer.params),
                  {"samples": [{"prompt": e.prompt[-200:], "output": o}
                               for e, o in zip(examples[:3], outputs[m.name][:3])]})
           for m in scorer.methods]

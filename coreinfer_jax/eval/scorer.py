@@ -11,7 +11,10 @@ the dense model. Here, as in decoding:
    the continuation with the context's KV cache, each policy's rows dropping
    its non-core neurons (`MaskedFFN`, h[i] = 0: what decoding on the FFN rows
    gathered down to the core set computes, equal to step-by-step sparse
-   decoding to float rounding; exactly dense at β = 1).
+   decoding to float rounding; exactly dense at β = 1). A predictor policy's
+   rows keep each token's predicted top k instead (`PredictedMaskedFFN`):
+   the prediction reads each token's own FFN input, so teacher forcing
+   chooses what decoding that token would.
 
 The host does a constant amount of work per context: one compiled call runs
 the prefill, every policy's `core_sets` and the keep masks `[M, F]` per layer;
@@ -30,6 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from coreinfer_jax.core.policy import CorePolicy, Dense, selection_tap
 from coreinfer_jax.model.cache import KVCache
@@ -37,6 +41,7 @@ from coreinfer_jax.model.config import ModelConfig
 from coreinfer_jax.model.ffn import MaskedFFN
 from coreinfer_jax.model.forward import forward
 from coreinfer_jax.model.params import ModelParams
+from coreinfer_jax.model.token_ffn import NeuronPredictor, PredictedMaskedFFN
 from coreinfer_jax.runtime.batching import DEFAULT_BUCKETS, left_pad, pick_bucket
 from coreinfer_jax.runtime.compile import CompiledFunctions
 from coreinfer_jax.runtime.prefill import prefill
@@ -83,24 +88,63 @@ def tile_cache(cache: KVCache, batch: int) -> KVCache:
                        start_B=tile(cache.start_B))
 
 
-def masked_params(params: ModelParams, keep_rows: KeepMasks) -> ModelParams:
-  """Every layer's FFN as a `MaskedFFN` keeping row r's neurons of `keep_rows[l][r]`."""
-  return params.with_ffns(tuple(MaskedFFN(layer.ffn, keep)
-                                for layer, keep in zip(params.layers, keep_rows)))
+@struct.dataclass
+class TokenRows:
+  """The rows of predictor policies: per layer, the predictor (None: no row
+  predicts there), each policy row's k (int32 [M], 0: its fixed mask) and
+  the largest (static)."""
+  predictors: Tuple[Optional[NeuronPredictor], ...]
+  k_M: Tuple[Optional[jax.Array], ...]
+  k_max: Tuple[Optional[int], ...] = struct.field(pytree_node=False, default=())
+
+  def repeat(self, times: int) -> "TokenRows":
+    return self.replace(k_M=tuple(None if k is None else jnp.repeat(k, times) for k in self.k_M))
+
+
+def token_rows(policies: Sequence[CorePolicy], num_layers: int) -> Optional[TokenRows]:
+  """The `TokenRows` of `policies` (None when none predicts per token); every
+  predictor policy must share one predictor."""
+  predicting = [p for p in policies if p.token_predictors() is not None]
+  if not predicting:
+    return None
+  predictors = predicting[0].token_predictors()
+  if any(p.token_predictors() is not predictors for p in predicting):
+    raise ValueError("the predictor methods of one run must share one predictor")
+  k_LM = np.array([[0 if p.token_predictors() is None or p.spec.layer_k[i] is None
+                    else p.spec.layer_k[i] for p in policies] for i in range(num_layers)], np.int32)
+  return TokenRows(tuple(predictors),
+                   tuple(jnp.asarray(k) if k.max() else None for k in k_LM),
+                   tuple(int(k.max()) if k.max() else None for k in k_LM))
+
+
+def masked_params(params: ModelParams, keep_rows: KeepMasks,
+                  token: Optional[TokenRows] = None) -> ModelParams:
+  """Every layer's FFN as a `MaskedFFN` keeping row r's neurons of
+  `keep_rows[l][r]`, or, where `token` predicts, a `PredictedMaskedFFN`."""
+  ffns = []
+  for i, (layer, keep) in enumerate(zip(params.layers, keep_rows)):
+    if token is None or token.k_max[i] is None:
+      ffns.append(MaskedFFN(layer.ffn, keep))
+    else:
+      ffns.append(PredictedMaskedFFN(layer.ffn, keep, token.predictors[i], token.k_M[i],
+                                     k_max=token.k_max[i]))
+  return params.with_ffns(tuple(ffns))
 
 
 def continuation_fn(config: ModelConfig, reference: Optional[int]):
   """(params, batch-1 cache, inputs int32 [C, T], targets int32 [C, T], keep
-  masks [M, F] per layer) -> per policy m and continuation c, float32
+  masks [M, F] per layer, `TokenRows` or None) -> per policy m and continuation c, float32
   [M, C, T]: `logprob` of each target and `greedy` (target is the argmax);
   with `reference` (a row index of the masks), `kl`: the KL divergence of
   that row's next-token distribution to each row's. All M·C rows run as one
   batch over the context's cache."""
-  def score(params: ModelParams, cache: KVCache, inputs_CT, targets_CT, keep: KeepMasks):
+  def score(params: ModelParams, cache: KVCache, inputs_CT, targets_CT, keep: KeepMasks,
+            token: Optional[TokenRows]):
     M, (C, T) = keep[0].shape[0], inputs_CT.shape
     rows = M * C
     keep_rows = tuple(jnp.repeat(k_MF, C, axis=0) for k_MF in keep)
-    logits, _ = forward(masked_params(params, keep_rows), config, tile_cache(cache, rows),
+    token = None if token is None else token.repeat(C)
+    logits, _ = forward(masked_params(params, keep_rows, token), config, tile_cache(cache, rows),
                         jnp.tile(inputs_CT, (M, 1)))
     logprobs = jax.nn.log_softmax(logits, axis=-1).reshape(M, C, T, -1)
     targets = jnp.broadcast_to(targets_CT, (M, C, T))
@@ -115,11 +159,12 @@ def continuation_fn(config: ModelConfig, reference: Optional[int]):
 
 def greedy_generation_fn(config: ModelConfig, steps: int):
   """(params, batch-1 cache, first token int32 [], keep masks [M, F] per
-  layer) -> int32 [M, steps]: each policy's greedy tokens after the first,
-  every policy a row of one batch over the prompt's cache."""
-  def generate(params: ModelParams, cache: KVCache, first, keep: KeepMasks):
+  layer, `TokenRows` or None) -> int32 [M, steps]: each policy's greedy
+  tokens after the first, every policy a row of one batch over the prompt's cache."""
+  def generate(params: ModelParams, cache: KVCache, first, keep: KeepMasks,
+               token: Optional[TokenRows]):
     M = keep[0].shape[0]
-    rows_params = masked_params(params, keep)
+    rows_params = masked_params(params, keep, token)
 
     def step(carry, _):
       cache, tokens_M = carry
@@ -179,6 +224,8 @@ class ContinuationScorer:
     self._select = {"select": select_fn(config, cache_len, self.methods),
                     "select_kl": select_fn(config, cache_len, self._kl_policies)}
     self._arrays = tuple(p.arrays() for p in self._kl_policies)
+    self._token_rows = {"select": token_rows(self.methods, config.num_layers),
+                        "select_kl": token_rows(self._kl_policies, config.num_layers)}
 
   def layout(self, context_len: int, longest: int) -> Tuple[int, int]:
     """(context bucket, continuation bucket) for a context of `context_len`
@@ -199,7 +246,7 @@ class ContinuationScorer:
     name = "select_kl" if with_kl and len(self._kl_policies) > len(self.methods) else "select"
     arrays = self._arrays if name == "select_kl" else self._arrays[:len(self.methods)]
     return self.compiled(name, self._select[name], self.params, jnp.asarray(tokens),
-                         jnp.asarray(start), arrays)
+                         jnp.asarray(start), arrays) + (self._token_rows[name],)
 
   def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, *, eos_ids: Sequence[int] = (),
                stop_strings: Sequence[str] = (), tokenizer=None) -> Dict[str, GenerationResult]:
@@ -209,11 +256,11 @@ class ContinuationScorer:
     if not prompt_ids:
       raise ValueError("a prompt must have at least one token")
     bucket = pick_bucket(len(prompt_ids), max_new_tokens, self.cache_len, self.buckets)
-    first_logprobs, cache, keep, _ = self._prefill(prompt_ids, bucket, with_kl=False)
+    first_logprobs, cache, keep, _, token = self._prefill(prompt_ids, bucket, with_kl=False)
     first = jnp.argmax(first_logprobs).astype(jnp.int32)
     later = self.compiled(f"generate{max_new_tokens}",
                           greedy_generation_fn(self.config, max_new_tokens - 1),
-                          self.params, cache, first, keep)
+                          self.params, cache, first, keep, token)
     tokens_MS = np.concatenate([np.full((len(self.methods), 1), int(first)), np.asarray(later)],
                                axis=1)
     tracker = StopTracker(len(self.methods), eos_ids, stop_strings, tokenizer, None)
@@ -233,7 +280,7 @@ class ContinuationScorer:
     if any(len(c) < 1 for c in continuations):
       raise ValueError("every continuation must have at least one token")
     bucket, T = self.layout(len(context_ids), max(len(c) for c in continuations))
-    first_logprobs, cache, keep, cluster_ids = self._prefill(context_ids, bucket, with_kl)
+    first_logprobs, cache, keep, cluster_ids, token = self._prefill(context_ids, bucket, with_kl)
     C = len(continuations)
     inputs, targets = np.zeros((C, T), np.int32), np.zeros((C, T), np.int32)
     for c, ids in enumerate(continuations):
@@ -245,7 +292,8 @@ class ContinuationScorer:
     first_greedy = first_ids == jnp.argmax(first_logprobs)
     reference = self._kl_reference if with_kl else None
     out = self.compiled("score_kl" if with_kl else "score", continuation_fn(self.config, reference),
-                        self.params, cache, jnp.asarray(inputs), jnp.asarray(targets), keep)
+                        self.params, cache, jnp.asarray(inputs), jnp.asarray(targets), keep,
+                        token)
     out, first, first_greedy, cluster_ids = jax.device_get((out, first, first_greedy, cluster_ids))
     M = len(cluster_ids)
     valid_CT = np.arange(1 + T)[None, :] < lengths[:, None]   # the first token, then T scored

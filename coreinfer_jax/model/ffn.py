@@ -36,7 +36,7 @@ from flax import struct
 from coreinfer_jax.model.config import ModelConfig
 
 
-def _column_norms(down: jax.Array, axis: int) -> jax.Array:
+def column_norms(down: jax.Array, axis: int) -> jax.Array:
   """float32 L2 norms of `down` along its model-width `axis`."""
   down = down.astype(jnp.float32)
   return jnp.sqrt(jnp.sum(down * down, axis=axis))
@@ -64,13 +64,17 @@ class FFNParams:
     gate = None if self.gate_FD is None else jnp.einsum("btd,fd->btf", x_BTD, self.gate_FD)
     return up, gate
 
+  def for_input(self, x_BTD: jax.Array) -> "FFNParams":
+    """The FFN a chunk computes with (the same rows for every token)."""
+    return self
+
   def keep(self, h_BTN: jax.Array) -> jax.Array:
     return h_BTN
 
   def out_norms(self) -> jax.Array:
     """float32 [N]: each neuron's down-projection column norm ||down[:, i]||₂,
     shaped to scale a `[B, T, N]` activation."""
-    return _column_norms(self.down_DF, axis=0)
+    return column_norms(self.down_DF, axis=0)
 
   @jax.named_scope("ffn_out")
   def project_out(self, h_BTN: jax.Array) -> jax.Array:
@@ -103,12 +107,15 @@ class PerSequenceFFN:
     gate = None if self.gate_BKD is None else jnp.einsum("btd,bkd->btk", x_BTD, self.gate_BKD)
     return up, gate
 
+  def for_input(self, x_BTD: jax.Array) -> "PerSequenceFFN":
+    return self
+
   def keep(self, h_BTK: jax.Array) -> jax.Array:
     return h_BTK
 
   def out_norms(self) -> jax.Array:
     """float32 [B, 1, k]: each sequence's neurons' down-projection column norms."""
-    return _column_norms(self.down_BDK, axis=1)[:, None, :]
+    return column_norms(self.down_BDK, axis=1)[:, None, :]
 
   @jax.named_scope("ffn_out")
   def project_out(self, h_BTK: jax.Array) -> jax.Array:
@@ -124,6 +131,9 @@ class MaskedFFN:
 
   AXES = {"keep_BF": ("batch", "neurons")}
 
+  def for_input(self, x_BTD: jax.Array) -> "MaskedFFN":
+    return self
+
   def project_in(self, x_BTD: jax.Array) -> Tuple[jax.Array, Optional[jax.Array]]:
     return self.dense.project_in(x_BTD)
 
@@ -137,7 +147,7 @@ class MaskedFFN:
     return self.dense.project_out(h_BTF)
 
 
-FFN = Union[FFNParams, PerSequenceFFN, MaskedFFN]
+FFN = Union[FFNParams, PerSequenceFFN, MaskedFFN]   # and `model.token_ffn`'s kinds
 
 
 class NeuronValues(NamedTuple):
@@ -149,10 +159,13 @@ class NeuronValues(NamedTuple):
   are the same array. `out_norms` is each neuron's down-projection column
   norm, broadcastable to `[B, T, N]` (what the weight-aware scorings scale
   |h| by: a neuron's contribution to the block's output is h·down[:, i]).
-  Only a scoring that reads it costs anything: XLA drops it otherwise."""
+  Only a scoring that reads it costs anything: XLA drops it otherwise.
+  `inputs` is the FFN's input `[B, T, D]` (what a learned neuron predictor
+  reads; its training data is tapped here)."""
   values: jax.Array
   h: jax.Array
   out_norms: jax.Array
+  inputs: jax.Array
 
 
 # The gate's activation of each gated `ModelConfig.ffn_activation`.
@@ -164,9 +177,9 @@ def neuron_values(config: ModelConfig, ffn: FFN, x_BTD: jax.Array) -> NeuronValu
   up, gate = ffn.project_in(x_BTD)
   with jax.named_scope("ffn_activation"):
     if config.ffn_activation == "relu":
-      return NeuronValues(up, jax.nn.relu(up), ffn.out_norms())
+      return NeuronValues(up, jax.nn.relu(up), ffn.out_norms(), x_BTD)
     h = _GATE_ACTIVATIONS[config.ffn_activation](gate) * up
-    return NeuronValues(h, h, ffn.out_norms())
+    return NeuronValues(h, h, ffn.out_norms(), x_BTD)
 
 
 def ffn_output(ffn: FFN, h_BTN: jax.Array) -> jax.Array:

@@ -64,9 +64,10 @@ def layer_forward(p: LayerParams, config: ModelConfig, x_BTD: jax.Array, positio
   if post:
     x_BTD = layers.norm(config, p.attn_norm, x_BTD)
   ffn_in = x_BTD if post else layers.norm(config, p.ffn_norm, x_BTD)
-  values = neuron_values(config, p.ffn, ffn_in)
+  ffn = p.ffn.for_input(ffn_in)   # a token-wise kind picks each token's neurons here
+  values = neuron_values(config, ffn, ffn_in)
   tapped = tap(values) if tap else None
-  ffn_out = ffn_output(p.ffn, values.h)
+  ffn_out = ffn_output(ffn, values.h)
   if sandwich:
     ffn_out = layers.norm(config, p.ffn_out_norm, ffn_out)
   x_BTD = x_BTD + ffn_out

@@ -20,6 +20,8 @@ import jax
 from flax import struct
 
 from coreinfer_jax.model.ffn import FFN, FFNParams, MaskedFFN, PerSequenceFFN
+from coreinfer_jax.model.token_ffn import (NeuronPredictor, PerTokenFFN, PredictedFFN,
+                                           PredictedMaskedFFN, TokenMaskedFFN)
 
 
 @struct.dataclass
@@ -89,7 +91,8 @@ class ModelParams:
 
 
 PARAM_CLASSES = (NormParams, AttentionParams, LayerParams, ModelParams, FFNParams,
-                 PerSequenceFFN, MaskedFFN)
+                 PerSequenceFFN, MaskedFFN, NeuronPredictor, PerTokenFFN, PredictedFFN,
+                 TokenMaskedFFN, PredictedMaskedFFN)
 
 
 def logical_axes(tree: Any) -> Any:
@@ -99,7 +102,8 @@ def logical_axes(tree: Any) -> Any:
     return tree.replace(**{
         name: (tree.AXES[name] if name in tree.AXES and getattr(tree, name) is not None
                else logical_axes(getattr(tree, name)))
-        for name in tree.__dataclass_fields__})
+        for name, field in tree.__dataclass_fields__.items()
+        if field.metadata.get("pytree_node", True)})   # static fields (a k) are not arrays
   if isinstance(tree, tuple):
     return tuple(logical_axes(t) for t in tree)
   if tree is None:

@@ -16,25 +16,18 @@
 from __future__ import annotations
 
 import dataclasses
-import glob
-import hashlib
-import json
-import os
-import time
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
-from coreinfer_jax import files
 from coreinfer_jax.core import selection
 from coreinfer_jax.core.spec import CoreSpec
 from coreinfer_jax.core.taps import statistics_tap
 from coreinfer_jax.model.config import ModelConfig
 from coreinfer_jax.model.params import ModelParams
-from coreinfer_jax.runtime.batching import DEFAULT_BUCKETS, left_pad
+from coreinfer_jax.offline import batch_pass
 from coreinfer_jax.runtime.compile import CompiledFunctions
 from coreinfer_jax.runtime.prefill import prefill
 
@@ -95,25 +88,11 @@ def statistics_fn(config: ModelConfig, plan: StatisticsPlan):
   return statistics
 
 
-def tokenize(tokenizer, texts: Sequence[str], max_tokens: int):
-  """Token ids of each text, truncated to its first `max_tokens`."""
-  return [list(tokenizer(t)["input_ids"])[:max_tokens] or [0] for t in texts]
-
-
-def _bucket(length: int) -> int:
-  return next((b for b in DEFAULT_BUCKETS if b >= length), length)
-
-
-def run_key(*parts) -> str:
-  """A short hash of everything a run's results depend on (names its work folder)."""
-  return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _batch_arrays(sets, stats, plan: StatisticsPlan) -> Dict[str, np.ndarray]:
-  arrays = {"sets": np.asarray(sets)}
+def _batch_arrays(sets, stats, plan: StatisticsPlan) -> Dict[str, jax.Array]:
+  arrays = {"sets": sets}
   for layer, (primary, secondary) in zip(plan.layers, stats):
-    arrays[f"primary_{layer}"] = np.asarray(primary)
-    arrays[f"secondary_{layer}"] = np.asarray(secondary)
+    arrays[f"primary_{layer}"] = primary
+    arrays[f"secondary_{layer}"] = secondary
   return arrays
 
 
@@ -125,45 +104,20 @@ def collect_statistics(params: ModelParams, config: ModelConfig, token_ids: Sequ
   each finished batch is saved there and batches already saved are loaded
   instead of recomputed. `compute_batch(tokens, start)` replaces the compiled
   statistics pass (tests count or interrupt it)."""
-  if batch_size < 1:
-    raise ValueError(f"batch size must be at least 1, got {batch_size}")
   compiled = CompiledFunctions()
   fn = statistics_fn(config, plan)
   if compute_batch is None:
     compute_batch = lambda tokens, start: compiled("statistics", fn, params, tokens, start)  # noqa: E731
-  starts = list(range(0, len(token_ids), batch_size))
-  if work_dir:
-    os.makedirs(work_dir, exist_ok=True)
-  shards, computed, seconds = [], 0, 0.0
-  for n, first in enumerate(tqdm(starts, desc="prefill", unit="batch", disable=not progress)):
-    path = os.path.join(work_dir, f"batch-{n:06d}.npz") if work_dir else None
-    if path and os.path.exists(path):
-      with np.load(path) as shard:
-        shards.append(dict(shard))
-      continue
-    batch = token_ids[first:first + batch_size]
-    tokens, start = left_pad(batch, _bucket(max(len(t) for t in batch)))
-    t0 = time.perf_counter()
-    arrays = _batch_arrays(*jax.block_until_ready(compute_batch(jnp.asarray(tokens),
-                                                                jnp.asarray(start))), plan)
-    seconds += time.perf_counter() - t0
-    computed += 1
-    if path:
-      files.write_npz(path, arrays)   # a shard either exists whole or not at all
-    shards.append(arrays)
+  batches = batch_pass.BatchPass()
+  shards = batches.run(token_ids, batch_size,
+                       lambda tokens, start: _batch_arrays(*compute_batch(tokens, start), plan),
+                       work_dir=work_dir, progress=progress)
   joined = {name: np.concatenate([s[name] for s in shards]) for name in shards[0]}
   return TextStatistics(joined["sets"],
                         {i: joined[f"primary_{i}"] for i in plan.layers},
                         {i: joined[f"secondary_{i}"] for i in plan.layers},
-                        batches_computed=computed, batches_resumed=len(starts) - computed,
-                        seconds=seconds)
-
-
-def clear_work_dir(work_dir: str) -> None:
-  for path in glob.glob(os.path.join(work_dir, "batch-*.npz")):
-    os.remove(path)
-  if os.path.isdir(work_dir):
-    os.rmdir(work_dir)
+                        batches_computed=batches.computed, batches_resumed=batches.resumed,
+                        seconds=batches.seconds)
 
 
 def multi_hot(sets_NK: np.ndarray, num_neurons: int) -> np.ndarray:

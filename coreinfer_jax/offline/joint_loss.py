@@ -61,7 +61,7 @@ def budget_loss_fn(config: ModelConfig):
   def loss(params: ModelParams, cache, inputs_CT, targets_CT, positions, kept_RL):
     keep = tuple((pos[None, :] < kept_RL[:, layer, None]).astype(jnp.float32)
                  for layer, pos in enumerate(positions))
-    out = score(params, cache, inputs_CT, targets_CT, keep)
+    out = score(params, cache, inputs_CT, targets_CT, keep, None)
     return -out["logprob"].sum(axis=(1, 2)), out["kl"].sum(axis=(1, 2))
   return loss
 

@@ -165,6 +165,7 @@ class Generator:
     if policy.spec is not None and len(policy.spec.layer_k) != config.num_layers:
       raise ValueError(f"core spec for {len(policy.spec.layer_k)} layers, model has "
                        f"{config.num_layers}")
+    policy.check_decoding(1 if mesh is None else mesh.size, offload_ffn, verify)
     offload.check_offload(offload_ffn, policy.spec is not None, 1 if mesh is None else mesh.size,
                           offload_gather)
     verifying.check_verify(verify, policy.spec is not None, mesh is not None, offload_ffn)

@@ -34,7 +34,7 @@ def _select(values_BTF, real_BT, k, scoring="signed", alpha=0.2, relu=False, top
   SwiGLU's h; `out_norms_F`: the down-projection column norms (default 1)."""
   values = jnp.asarray(values_BTF)
   norms = jnp.ones(values.shape[-1]) if out_norms_F is None else jnp.asarray(out_norms_F)
-  neuron_values = NeuronValues(values, jax.nn.relu(values) if relu else values, norms)
+  neuron_values = NeuronValues(values, jax.nn.relu(values) if relu else values, norms, None)
   fn = jax.jit(selection.select_core, static_argnames=("k", "scoring", "alpha", "top_m"))
   return np.asarray(fn(neuron_values, jnp.asarray(real_BT), k=k, scoring=scoring, alpha=alpha,
                        top_m=top_m))
