@@ -15,7 +15,8 @@ setup(
     entry_points={"console_scripts": [
         *(f"coreinfer-{name.replace('_', '-')} = coreinfer_jax.cli.launch:{name}"
           for name in ("analyze", "benchmark", "benchmark_scorer", "calibrate", "cluster",
-                       "evaluate", "generate", "importance", "merge_results", "profile_decode")),
+                       "evaluate", "generate", "importance", "merge_results", "profile_decode",
+                       "train_predictor")),
         "coreinfer-models = coreinfer_jax.cli.named_models:main",
     ]},
     install_requires=[

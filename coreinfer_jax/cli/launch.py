@@ -14,7 +14,7 @@ import signal
 import sys
 
 COMMANDS = ("analyze", "benchmark", "benchmark_scorer", "calibrate", "cluster", "evaluate",
-            "generate", "importance", "merge_results", "profile_decode")
+            "generate", "importance", "merge_results", "profile_decode", "train_predictor")
 
 
 def _interrupted_while_starting(signum, frame):
@@ -34,4 +34,5 @@ def launch(name: str) -> None:
 
 
 (analyze, benchmark, benchmark_scorer, calibrate, cluster, evaluate, generate, importance,
- merge_results, profile_decode) = (functools.partial(launch, name) for name in COMMANDS)
+ merge_results, profile_decode, train_predictor) = (functools.partial(launch, name)
+                                                    for name in COMMANDS)

@@ -16,7 +16,7 @@ from coreinfer_jax.core.spec import core_spec
 from coreinfer_jax.eval.scorer import ContinuationScorer
 from coreinfer_jax.model.ffn import FFNParams
 from coreinfer_jax.model.forward import forward
-from coreinfer_jax.model.token_ffn import NeuronPredictor, TokenMaskedFFN
+from coreinfer_jax.model.token_ffn import TokenMaskedFFN
 from coreinfer_jax.offline import predictor_data, predictor_training
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.runtime.prefill import prefill
