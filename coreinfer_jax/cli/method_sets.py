@@ -7,7 +7,8 @@ import os
 
 from absl import flags
 
-from coreinfer_jax.core import importance, methods
+from coreinfer_jax.core import importance, methods, predictor
+from coreinfer_jax.core.spec import core_spec
 from coreinfer_jax.core.policy import Dense, GlobalMix, Similarity, Stability
 from coreinfer_jax.eval import runners
 from coreinfer_jax.eval.scorer import CONTINUATION_BUCKETS, ContinuationScorer
@@ -19,7 +20,7 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   flags.DEFINE_list("methods", ["dense", "stability"], f"methods: {', '.join(methods.METHODS)} "
                     "(with --beta_file, its per-layer budgets are evaluated too)")
-  flags.DEFINE_list("betas", ["0.8", "0.6", "0.4"], "stability: kept fractions β")
+  flags.DEFINE_list("betas", ["0.8", "0.6", "0.4"], "stability and predictor: kept fractions β")
   flags.DEFINE_list("scorings", ["signed"], "stability and --beta_file: core-neuron scorings")
   flags.DEFINE_list("layer_sets", ["paper"], "stability: sparsified layer sets, each 'paper', "
                     "'all' or 'A:B'")
@@ -32,6 +33,8 @@ def define_flags() -> None:
   flags.DEFINE_string("beta_file", None, "per-layer β file (scripts/calibrate.py)")
   flags.DEFINE_list("beta_file_scorings", [], "scorings for --beta_file (default: --scorings)")
   flags.DEFINE_string("cluster_dir", None, "similarity: the folder scripts/cluster.py wrote")
+  flags.DEFINE_string("predictor_dir", None, "predictor: the folder scripts/train_predictor.py "
+                      "wrote (its layers; each token's top round(β·F) per --betas)")
   flags.DEFINE_string("importance", None, "a model-global importance file (scripts/importance.py): "
                       "each stability and --beta_file setting of its scoring and α is also "
                       "evaluated mixed with it at each of --importance_weights")
@@ -68,6 +71,17 @@ def build_policies(config, fingerprint):
     policies.append(Similarity(methods.load_clusters(FLAGS.cluster_dir, config, fingerprint, None)))
   elif FLAGS.cluster_dir:
     raise ValueError("--cluster_dir is only used with --methods=...,similarity")
+  if "predictor" in FLAGS.methods:
+    if not FLAGS.predictor_dir:
+      raise ValueError("--methods=...,predictor needs --predictor_dir (built by "
+                       "scripts/train_predictor.py)")
+    manifest = predictor.read_manifest(FLAGS.predictor_dir)
+    art = methods.load_predictor(FLAGS.predictor_dir, config, fingerprint,
+                                 core_spec(config.num_layers, config.intermediate_size,
+                                           sparse_layers=",".join(map(str, manifest["layers"]))))
+    policies += runners.predictor_methods(config, art, [float(b) for b in FLAGS.betas])
+  elif FLAGS.predictor_dir:
+    raise ValueError("--predictor_dir is only used with --methods=...,predictor")
   if not policies:
     raise ValueError("no method to evaluate")
   return policies

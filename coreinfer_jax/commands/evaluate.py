@@ -30,7 +30,7 @@ from coreinfer_jax import checkpoint, files
 from coreinfer_jax.analysis import plots
 from coreinfer_jax.cli import app, method_sets, models, outputs
 from coreinfer_jax.cli import flags as cli_flags
-from coreinfer_jax.core import artefacts
+from coreinfer_jax.core import artefacts, predictor
 from coreinfer_jax.eval import frontier, runners, tasks
 from coreinfer_jax.runtime.batching import resolve_dtype
 
@@ -137,10 +137,11 @@ def run_task(task, scorer, tokenizer):
 
 # Every flag a result depends on (the task list is not one: a rerun may add
 # tasks). Files count by content: the model's fingerprint, the β file's
-# sha256, the cluster artefacts' id; the dtype as resolved on this machine.
+# sha256, the cluster and predictor artefacts' ids; the dtype as resolved on this machine.
 RESULT_SETTINGS = ["model", "methods", "betas", "scorings", "layer_sets", "core_blocks",
                    "core_sharings", "alpha", "beta_file", "beta_file_scorings", "buckets",
-                   "continuation_buckets", "cluster_dir", "importance", "importance_weights",
+                   "continuation_buckets", "cluster_dir", "predictor_dir", "importance",
+                   "importance_weights",
                    "limit", "generation_limit", "num_fewshot", "windows", "skip_windows",
                    "window_context", "window_continuation", "window_batch", "cache_len"]
 
@@ -151,7 +152,9 @@ def result_settings(fingerprint):
               dtype=np.dtype(resolve_dtype(FLAGS.dtype)).name,
               beta_file_sha256=FLAGS.beta_file and file_sha256(FLAGS.beta_file),
               importance_sha256=FLAGS.importance and file_sha256(FLAGS.importance),
-              clusters=FLAGS.cluster_dir and artefacts.read_manifest(FLAGS.cluster_dir)["artefacts"])
+              clusters=FLAGS.cluster_dir and artefacts.read_manifest(FLAGS.cluster_dir)["artefacts"],
+              predictor=FLAGS.predictor_dir
+              and predictor.read_manifest(FLAGS.predictor_dir)["artefacts"])
 
 
 def finished_tasks(path, run_settings):

@@ -24,7 +24,8 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from coreinfer_jax.core.policy import CorePolicy, Stability
+from coreinfer_jax.core.policy import CorePolicy, Predicted, Stability
+from coreinfer_jax.core.predictor import PredictorArtefacts
 from coreinfer_jax.core.spec import core_spec
 from coreinfer_jax.eval import batched_windows, metrics, tasks
 from coreinfer_jax.eval.scorer import ContinuationScorer
@@ -46,6 +47,16 @@ def stability_methods(config: ModelConfig, scorings: Sequence[str], betas: Seque
                     family=f"stability/{scoring}/{layers}{suffix(n, sharing)}")
           for layers in layer_sets for beta in betas for scoring in scorings for n in blocks
           for sharing in sharings]
+
+
+def predictor_methods(config: ModelConfig, art: PredictorArtefacts,
+                      betas: Sequence[float]) -> List[CorePolicy]:
+  """One predictor policy per β over the layers `art` was trained for (every
+  policy shares `art`: the scorer runs them as rows of one batch)."""
+  layers = ",".join(str(i) for i in art.layers)
+  return [Predicted(core_spec(config.num_layers, config.intermediate_size, beta=beta,
+                              sparse_layers=layers),
+                    art, name=f"predictor/rank={art.rank}/beta={beta:g}") for beta in betas]
 
 
 def beta_file_methods(config: ModelConfig, beta_file: str, label: str, scorings: Sequence[str],

@@ -26,6 +26,7 @@ OWN_FLAGS = {
     "merge_results.py": ["--inputs", "--within_loss"],
     "analyze.py": ["--analysis", "--out_dir", "--dataset"],
     "profile_decode.py": ["--repeats", "--shape", "--model", "--method"],
+    "train_predictor.py": ["--rank", "--data", "--out_dir", "--sparse_layers", "--resume"],
 }
 
 
@@ -55,7 +56,8 @@ OUTPUTS = [("generate.py", "json_out", "file"), ("evaluate.py", "json_out", "fil
            ("calibrate.py", "out", "file"), ("merge_results.py", "json_out", "file"),
            ("merge_results.py", "markdown_out", "file"), ("merge_results.py", "plot", "file"),
            ("profile_decode.py", "json_out", "file"), ("importance.py", "out", "file"),
-           ("cluster.py", "out_dir", "folder"), ("analyze.py", "out_dir", "folder")]
+           ("cluster.py", "out_dir", "folder"), ("analyze.py", "out_dir", "folder"),
+           ("train_predictor.py", "out_dir", "folder")]
 
 
 @pytest.mark.parametrize("script, flag, kind", OUTPUTS)

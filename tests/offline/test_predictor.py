@@ -192,6 +192,23 @@ def test_train_command_builds_artefacts_that_generate_reads_and_mismatches_exit_
                     "--method=predictor", f"--predictor_dir={out}", "--sparse_layers=all",
                     "--beta=0.5")
   assert ok.returncode == 0, ok.stderr
+  data = tmp_path / "data" / "wikitext2_raw"
+  data.mkdir(parents=True)
+  (data / "wiki.test.raw").write_text(" ".join(["a b c the of d e"] * 80))
+  evaluated = tmp_path / "eval.json"
+  proc = run_script("evaluate.py", f"--model={tiny_llama_with_tokenizer}",
+                    f"--data_dir={tmp_path / 'data'}", "--tasks=wikitext",
+                    "--methods=dense,stability,predictor", f"--predictor_dir={out}",
+                    "--betas=1,0.5", "--layer_sets=all", "--window_context=24",
+                    "--window_continuation=24", "--windows=2", "--noprogress",
+                    f"--json_out={evaluated}")
+  assert proc.returncode == 0, proc.stderr
+  results = {r["method"]: r for r in json.loads(evaluated.read_text())["results"]}
+  assert (results["predictor/rank=8/beta=1"]["metrics"]["perplexity"]
+          == pytest.approx(results["dense"]["metrics"]["perplexity"], rel=1e-4))
+  # its bytes: half the rows and the predictor, r(D + F) of 3·D·F per layer
+  assert results["predictor/rank=8/beta=0.5"]["ffn_bytes_fraction"] == pytest.approx(
+      0.5 + 8 * (64 + 96) / (3 * 64 * 96))
   wrong_layers = run_generate(f"--model={tiny_llama_with_tokenizer}", "--prompt=a",
                               "--method=predictor", f"--predictor_dir={out}",
                               "--sparse_layers=1:3")
