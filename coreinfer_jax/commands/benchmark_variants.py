@@ -90,7 +90,9 @@ def variants(s, config, fingerprint) -> List[Variant]:
         top_ms if sparse else [s["top_m"]], modes if sparse else [None],
         verifies if sparse else [0]):
       cluster_dir = s["cluster_dir"] if method == "similarity" else None
-      policy = methods.policy_for(method, dict(s, core_sharing=sharing, top_m=top_m), config,
+      own = dict(s, core_sharing=sharing, top_m=top_m,
+                 predictor_dir=s["predictor_dir"] if method == "predictor" else None)
+      policy = methods.policy_for(method, own, config,
                                   cluster_dir=cluster_dir, fingerprint=fingerprint, beta=beta)
       policy.check_decoding(s["tp"], mode is not None, verify)
       verifying.check_verify(verify, sparse, s["tp"] > 1, mode is not None)

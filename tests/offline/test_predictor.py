@@ -209,6 +209,14 @@ def test_train_command_builds_artefacts_that_generate_reads_and_mismatches_exit_
   # its bytes: half the rows and the predictor, r(D + F) of 3·D·F per layer
   assert results["predictor/rank=8/beta=0.5"]["ffn_bytes_fraction"] == pytest.approx(
       0.5 + 8 * (64 + 96) / (3 * 64 * 96))
+  bench = tmp_path / "bench.json"
+  proc = run_script("benchmark.py", f"--model={tiny_llama_with_tokenizer}",
+                    "--methods=dense,stability,predictor", f"--predictor_dir={out}", "--betas=0.5",
+                    "--sparse_layers=all", "--prompt_len=8", "--cache_len=32", "--decode_steps=2",
+                    "--rounds=1", f"--json_out={bench}")
+  assert proc.returncode == 0, proc.stderr
+  runs = json.loads(bench.read_text())
+  assert "predictor" in json.dumps(runs), runs
   wrong_layers = run_generate(f"--model={tiny_llama_with_tokenizer}", "--prompt=a",
                               "--method=predictor", f"--predictor_dir={out}",
                               "--sparse_layers=1:3")
