@@ -128,6 +128,7 @@ class ModelArgs:
   sparse_layers: str = _arg("paper", _comma_list)
   beta_file: Optional[str] = _arg(None, _optional_text)
   cluster_dir: Optional[str] = _arg(None, _optional_text)   # method=similarity's artefacts
+  predictor_dir: Optional[str] = _arg(None, _optional_text)   # method=predictor's artefacts
   cache_len: int = _arg(1024, _positive_int)
   batch_size: int = _arg(DEFAULT_BATCH_SIZE, _batch_size)   # generate_until's batch
   dtype: str = _arg("auto", _text)                    # `runtime.batching.resolve_dtype`
@@ -187,8 +188,10 @@ def check_model_args(model_args: Mapping[str, Any]) -> CheckedModelArgs:
     path = checkpoint.model_path(args.model)
     config = checkpoint.load_config(path)
   settings = _checked_settings(args, config)
-  with _argument("cluster_dir", args.cluster_dir):
-    policy = methods.policy_for(args.method, settings, config, cluster_dir=args.cluster_dir,
+  artefacts = "predictor_dir" if args.method == "predictor" else "cluster_dir"
+  with _argument(artefacts, getattr(args, artefacts)):
+    policy = methods.policy_for(args.method, dict(settings, predictor_dir=args.predictor_dir),
+                                config, cluster_dir=args.cluster_dir,
                                 fingerprint=checkpoint.fingerprint(path))
   if args.rolling_context > args.rolling_window:
     raise ModelArgsError("rolling_context", args.rolling_context,

@@ -33,6 +33,10 @@ BAD_MODEL_ARGS = {
     "cache_len not an integer": ({"cache_len": "abc"}, "cache_len=abc: expected a positive integer"),
     "similarity without clusters": ({"method": "similarity"},
                                     "cluster_dir=None: --method=similarity needs --cluster_dir"),
+    "predictor without artefacts": ({"method": "predictor"},
+                                    "predictor_dir=None: --method=predictor needs --predictor_dir"),
+    "predictor artefacts missing": ({"method": "predictor", "predictor_dir": "/no/such/dir"},
+                                    "predictor_dir=/no/such/dir: no predictor artefacts in "),
     "rolling context too long": ({"rolling_context": 600},
                                  "rolling_context=600: must be at most rolling_window (512)"),
 }
