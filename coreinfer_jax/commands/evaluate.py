@@ -152,7 +152,8 @@ def result_settings(fingerprint):
               dtype=np.dtype(resolve_dtype(FLAGS.dtype)).name,
               beta_file_sha256=FLAGS.beta_file and file_sha256(FLAGS.beta_file),
               importance_sha256=FLAGS.importance and file_sha256(FLAGS.importance),
-              clusters=FLAGS.cluster_dir and artefacts.read_manifest(FLAGS.cluster_dir)["artefacts"],
+              clusters=FLAGS.cluster_dir
+              and artefacts.read_manifest(FLAGS.cluster_dir)["artefacts"],
               predictor=FLAGS.predictor_dir
               and predictor.read_manifest(FLAGS.predictor_dir)["artefacts"])
 

@@ -76,7 +76,8 @@ def batched_perplexity(params: ModelParams, config: ModelConfig, policies: Seque
     total = 0.0
     for start in tqdm(range(0, len(windows), batch), desc=policy.name, disable=not progress):
       part = slice(start, start + batch)
-      total += float(np.sum(np.asarray(fn(params, contexts[part], continuations[part], arrays, token),
+      total += float(np.sum(np.asarray(fn(params, contexts[part], continuations[part], arrays,
+                                          token),
                                        np.float64)))
     perplexity[policy.name] = math.exp(-total / continuations.size)
   return perplexity

@@ -107,7 +107,8 @@ def evaluate_perplexity(scorer: ContinuationScorer, windows: Sequence[tasks.Wind
       kl[name] += float(s.token_kl[0].astype(np.float64).sum())
     count += len(w.continuation)
   return [Result(task, m, {"perplexity": math.exp(nll[m.name] / count), "kl": kl[m.name] / count},
-                 len(windows), m.ffn_bytes_fraction(scorer.params), {"tokens": count}) for m in scorer.methods]
+                 len(windows), m.ffn_bytes_fraction(scorer.params), {"tokens": count})
+          for m in scorer.methods]
 
 
 def evaluate_batched_perplexity(scorer: ContinuationScorer, windows: Sequence[tasks.Window],

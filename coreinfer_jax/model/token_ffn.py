@@ -64,7 +64,8 @@ class PerTokenFFN:
 
   AXES = {"up_BTKD": ("batch", None, "neurons", "embed"),
           "down_BTKD": ("batch", None, "neurons", "embed"),
-          "gate_BTKD": ("batch", None, "neurons", "embed"), "up_bias_BTK": ("batch", None, "neurons"),
+          "gate_BTKD": ("batch", None, "neurons", "embed"),
+          "up_bias_BTK": ("batch", None, "neurons"),
           "down_bias_D": ("embed",)}
 
   def for_input(self, x_BTD: jax.Array) -> "PerTokenFFN":
