@@ -234,7 +234,7 @@ def _run(variant, gen, stats, tps, dense_step_bytes, limit, dense_tps, hf_tps, b
   plain = {
       "method": method,
       "beta": None if not sparse else parse_beta(beta),
-      "scoring": None if not sparse else core.scoring,
+      "scoring": None if not sparse else variant.policy.core_summary()["scoring"],
       "core": variant.policy.core_summary(),
       "cluster_ids": None if method != "similarity" else [st.cluster_ids[0] for st in stats],
       "weight_bytes_per_token": stats[0].decode_weight_bytes,

@@ -60,6 +60,9 @@ def main(argv):
   config = models.model_config(FLAGS.model, s["shape"], FLAGS.configs_dir, FLAGS.num_layers)
   policy = methods.policy_for(s["method"], s, config, cluster_dir=s["cluster_dir"],
                               fingerprint=models.model_fingerprint(FLAGS.model, s["shape"]))
+  if policy.token_predictors() is not None:
+    raise ValueError("the per-kind breakdown reads fixed rows; --method=predictor chooses them "
+                     "per token: time it with benchmark.py")
   m, _ = models.load(FLAGS.model, resolve_dtype(s["dtype"]), s["shape"], FLAGS.configs_dir,
                      FLAGS.num_layers, with_tokenizer=False)   # random prompts: no text
   dense_bytes = cost.decode_weight_bytes(m.params)

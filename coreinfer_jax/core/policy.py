@@ -244,7 +244,10 @@ class Predicted(CorePolicy):
     return cost.ffn_bytes_fraction(params, predicted)
 
   def core_summary(self) -> dict:
-    return dict(super().core_summary(), predictor_rank=self.art.rank,
+    """The spec's record with "scoring" naming the predictor (α does not apply)."""
+    record = {name: value for name, value in super().core_summary().items()
+              if name != "alpha"}
+    return dict(record, scoring="predicted per token", predictor_rank=self.art.rank,
                 predictor_label_fraction=self.art.manifest["label_fraction"])
 
 
