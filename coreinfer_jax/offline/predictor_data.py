@@ -13,7 +13,7 @@ Passes are resumable (`batch_pass`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -94,7 +94,7 @@ def token_data_fn(config: ModelConfig, plan: LabelPlan):
 
 
 def collect(params: ModelParams, config: ModelConfig, token_ids: Sequence[Sequence[int]],
-            plan: LabelPlan, *, batch_size: int, work_dir: str = None,
+            plan: LabelPlan, *, batch_size: int, work_dir: Optional[str] = None,
             progress: bool = False) -> Tuple[TokenData, batch_pass.BatchPass]:
   """The plan's data for every real token of `token_ids` (text order), and
   the pass (its computed and resumed batches, seconds)."""
