@@ -55,7 +55,7 @@ def test_batching_changes_only_shared_sets(tiny, windows):
   contexts = np.asarray([w.context for w in windows[:4]], np.int32)
   continuations = np.asarray([w.continuation for w in windows[:4]], np.int32)
   per_window = {sharing: np.asarray(jax.jit(batch_logprob_fn(tiny.config, 64, _stability(
-      tiny, 0.5, sharing)))(tiny.params, contexts, continuations, ())) for sharing in
+      tiny, 0.5, sharing)))(tiny.params, contexts, continuations, (), None)) for sharing in
       ("per_sequence", "shared")}
   assert np.max(np.abs(per_window["shared"] - per_window["per_sequence"])) > 1e-2
 
