@@ -7,8 +7,7 @@ import os
 
 from absl import flags
 
-from coreinfer_jax.core import importance, methods, predictor
-from coreinfer_jax.core.spec import core_spec
+from coreinfer_jax.core import importance, methods
 from coreinfer_jax.core.policy import Dense, GlobalMix, Similarity, Stability
 from coreinfer_jax.eval import runners
 from coreinfer_jax.eval.scorer import CONTINUATION_BUCKETS, ContinuationScorer
@@ -75,10 +74,7 @@ def build_policies(config, fingerprint):
     if not FLAGS.predictor_dir:
       raise ValueError("--methods=...,predictor needs --predictor_dir (built by "
                        "scripts/train_predictor.py)")
-    manifest = predictor.read_manifest(FLAGS.predictor_dir)
-    art = methods.load_predictor(FLAGS.predictor_dir, config, fingerprint,
-                                 core_spec(config.num_layers, config.intermediate_size,
-                                           sparse_layers=",".join(map(str, manifest["layers"]))))
+    art = methods.load_predictor(FLAGS.predictor_dir, config, fingerprint, None)
     policies += runners.predictor_methods(config, art, [float(b) for b in FLAGS.betas])
   elif FLAGS.predictor_dir:
     raise ValueError("--predictor_dir is only used with --methods=...,predictor")

@@ -56,9 +56,9 @@ dataset_pass.define_flags()
 FLAGS = flags.FLAGS
 
 
-def _check_fraction(name: str, value: float, low_open: bool = True) -> float:
-  if not (0 < value <= 1 if low_open else 0 <= value < 1):
-    raise ValueError(f"--{name} must be in {'(0, 1]' if low_open else '[0, 1)'}, got {value}")
+def _fraction(name: str, value: float) -> float:
+  if not 0 < value <= 1:
+    raise ValueError(f"--{name} must be in (0, 1], got {value}")
   return value
 
 
@@ -75,13 +75,14 @@ def main(argv):
   t_start = time.perf_counter()
   s = app.settings(["dtype", "batch_size", "max_tokens"] + list(methods.SPEC_SETTINGS))
   train = _settings()
-  betas = tuple(_check_fraction("eval_betas", float(b)) for b in FLAGS.eval_betas)
-  plan = predictor_data.LabelPlan((), _check_fraction("label_fraction", FLAGS.label_fraction),
-                                  betas)
-  holdout = _check_fraction("holdout_fraction", FLAGS.holdout_fraction, low_open=False)
+  betas = tuple(_fraction("eval_betas", float(b)) for b in FLAGS.eval_betas)
+  label_fraction = _fraction("label_fraction", FLAGS.label_fraction)
+  holdout = FLAGS.holdout_fraction
+  if not 0 <= holdout < 1:
+    raise ValueError(f"--holdout_fraction must be in [0, 1), got {holdout}")
   config = models.model_config(FLAGS.model)
   spec = methods.spec_for(s, config)
-  plan = dataclasses.replace(plan, layers=spec.sparse_layers)
+  plan = predictor_data.LabelPlan(spec.sparse_layers, label_fraction, betas)
   data = cli_flags.texts_from_flags(FLAGS.limit)
   num_held_out = math.ceil(holdout * len(data))
   if len(data) - num_held_out < 1:

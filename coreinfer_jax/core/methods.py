@@ -9,7 +9,7 @@ so that bad input fails in seconds with one line.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from coreinfer_jax.core import artefacts, importance, predictor
 from coreinfer_jax.core.policy import (CorePolicy, Dense, GlobalMix, Predicted, Similarity,
@@ -65,13 +65,13 @@ def load_importance(path: str, config: ModelConfig, fingerprint: Optional[str],
 
 
 def load_predictor(predictor_dir: str, config: ModelConfig, fingerprint: Optional[str],
-                   spec: CoreSpec) -> predictor.PredictorArtefacts:
+                   sparse_layers: Optional[Sequence[int]]) -> predictor.PredictorArtefacts:
   """The predictor artefacts in `predictor_dir`, their manifest checked
-  against the model and the sparsified layers before the arrays (or any
-  model weights) load."""
+  against the model and the sparsified layers asked for (None: the ones it
+  was trained for) before the arrays (or any model weights) load."""
   manifest = predictor.read_manifest(predictor_dir)
   predictor.check_compatible(predictor_dir, manifest, config=config, fingerprint=fingerprint,
-                             sparse_layers=spec.sparse_layers)
+                             sparse_layers=sparse_layers)
   return predictor.load(predictor_dir)
 
 
@@ -87,7 +87,8 @@ def predicted(settings: Mapping[str, Any], config: ModelConfig, fingerprint: Opt
   if spec.shared or spec.blocks > 1:
     raise ValueError("--method=predictor chooses each token's own neurons: it has no shared or "
                      "per-device core sets (--core_sharing, --tp)")
-  return Predicted(spec, load_predictor(predictor_dir, config, fingerprint, spec), name=name)
+  return Predicted(spec, load_predictor(predictor_dir, config, fingerprint, spec.sparse_layers),
+                   name=name)
 
 
 def policy_for(method: str, settings: Mapping[str, Any], config: ModelConfig, *,

@@ -74,12 +74,12 @@ def load(out_dir: str) -> PredictorArtefacts:
 
 
 def check_compatible(out_dir: str, manifest: dict, *, config: ModelConfig,
-                     fingerprint: Optional[str], sparse_layers: Sequence[int]) -> None:
+                     fingerprint: Optional[str], sparse_layers: Optional[Sequence[int]]) -> None:
   """Raises `PredictorMismatchError` naming the first difference: the model
-  (`artefacts.check_model`), then the sparsified layers (a predictor decodes
-  exactly the layers it was trained for)."""
+  (`artefacts.check_model`), then the sparsified layers asked for (a
+  predictor decodes exactly the layers it was trained for; None: its own)."""
   labels = dict(artefacts="predictor artefacts", error=PredictorMismatchError)
   artefacts.check_model(out_dir, manifest, config, fingerprint, **labels)
-  if list(manifest["layers"]) != list(sparse_layers):
+  if sparse_layers is not None and list(manifest["layers"]) != list(sparse_layers):
     raise artefacts.mismatch(out_dir, "sparsified layers (--sparse_layers)", manifest["layers"],
                              list(sparse_layers), **labels)

@@ -83,12 +83,13 @@ def optimizer(s: TrainSettings) -> optax.GradientTransformation:
 
 
 def train_step_fn(s: TrainSettings, num_neurons: int):
-  """(params, opt_state, step, x [N, L, D], packed labels [N, L, P]) ->
-  (params, opt_state, loss): one AdamW step on `batch_tokens` drawn tokens."""
+  """(state, step, x [N, L, D], packed labels [N, L, P]) -> (state, loss): one
+  AdamW step on `batch_tokens` drawn tokens; the state is {"params",
+  "opt_state", "losses" (float32 [steps], this step's written)}."""
   tx = optimizer(s)
   key = jax.random.key(s.seed)
 
-  def step_fn(params, opt_state, step, x_NLD, labels_NLP):
+  def step_fn(state, step, x_NLD, labels_NLP):
     rows = jax.random.randint(jax.random.fold_in(key, step), (s.batch_tokens,), 0,
                               x_NLD.shape[0])
     x, labels = x_NLD[rows], unpack_bits(labels_NLP[rows], num_neurons)
@@ -96,9 +97,11 @@ def train_step_fn(s: TrainSettings, num_neurons: int):
     def loss_fn(p):
       bce = optax.sigmoid_binary_cross_entropy(logits(p, x), labels)   # [N, L, F]
       return bce.mean(axis=(0, 2)).sum()   # each layer's mean, summed
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss / x_NLD.shape[1]
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    loss = loss / x_NLD.shape[1]
+    return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
+            "losses": state["losses"].at[step].set(loss)}, loss
   return step_fn
 
 
@@ -156,17 +159,14 @@ def train(x_NLD: np.ndarray, labels_NLP: np.ndarray, num_neurons: int, s: TrainS
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)))
   step_fn = jax.jit(train_step_fn(s, num_neurons))
   x, labels = jnp.asarray(x_NLD), jnp.asarray(labels_NLP)
-  params, opt_state, losses = state["params"], state["opt_state"], state["losses"]
   t0 = time.perf_counter()
   bar = tqdm(range(start, s.steps), desc="train", unit="step", disable=not progress,
              initial=start, total=s.steps)
   for step in bar:
-    params, opt_state, loss = step_fn(params, opt_state, jnp.int32(step), x, labels)
-    losses = losses.at[step].set(loss)
+    state, loss = step_fn(state, jnp.int32(step), x, labels)
     done = step + 1
     if manager is not None and (done % s.checkpoint_every == 0 or done == s.steps):
-      manager.save(done, args=ocp.args.StandardSave(
-          {"params": params, "opt_state": opt_state, "losses": losses}), force=True)
+      manager.save(done, args=ocp.args.StandardSave(state), force=True)
     if progress and done % 20 == 0:
       bar.set_postfix(loss=f"{float(loss):.4f}")
     if on_step is not None:
@@ -174,5 +174,6 @@ def train(x_NLD: np.ndarray, labels_NLP: np.ndarray, num_neurons: int, s: TrainS
   if manager is not None:
     manager.wait_until_finished()
     manager.close()
-  return TrainResult(jax.device_get(params), [float(v) for v in np.asarray(losses)], start,
+  return TrainResult(jax.device_get(state["params"]),
+                     [float(v) for v in np.asarray(state["losses"])], start,
                      time.perf_counter() - t0)

@@ -231,4 +231,4 @@ def test_train_command_builds_artefacts_that_generate_reads_and_mismatches_exit_
   with pytest.raises(predictors.PredictorMismatchError, match="model fingerprint"):
     methods.load_predictor(str(out), config, loading.fingerprint(str(other)),
                            core_spec(config.num_layers, config.intermediate_size,
-                                     sparse_layers="all"))
+                                     sparse_layers="all").sparse_layers)
